@@ -1,0 +1,182 @@
+//! Connection configuration: what this side declares in its handshake, and its local limits.
+
+use std::time::Duration;
+
+use crate::frame::CodecId;
+use crate::handshake::{self, MAX_FRAME_SIZE, MAX_WINDOW, MIN_FRAME_SIZE, MIN_WINDOW};
+
+/// A setting was given a value outside its allowed range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The value is outside the documented bounds.
+    #[error("{0} is out of bounds")]
+    OutOfBounds(&'static str),
+}
+
+/// Settings of one connection. Shared as `Arc<Config>` by every connection of a node.
+///
+/// Every limit has a safe default; each setter documents it and what memory it can cost.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub(crate) name: String,
+    pub(crate) codecs: u8,
+    pub(crate) max_frame_size: u32,
+    pub(crate) max_message_size: u32,
+    pub(crate) channel_window: u32,
+    pub(crate) connection_window: u32,
+    pub(crate) max_channels: u32,
+    pub(crate) max_reassembly: usize,
+    pub(crate) heartbeat: Duration,
+    pub(crate) handshake_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            name: "slic".to_owned(),
+            codecs: CodecId::ALL.iter().fold(0, |m, c| m | c.mask_bit()),
+            max_frame_size: 256 << 10,
+            max_message_size: 16 << 20,
+            channel_window: 1 << 20,
+            connection_window: 4 << 20,
+            max_channels: 256,
+            max_reassembly: 64 << 20,
+            heartbeat: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// The node name sent in the handshake. Default `"slic"`.
+    ///
+    /// # Errors
+    ///
+    /// Empty or longer than 255 bytes.
+    pub fn name(&mut self, name: impl Into<String>) -> Result<&mut Self, ConfigError> {
+        let name = name.into();
+        if !handshake::validate_name(&name) {
+            return Err(ConfigError::OutOfBounds("name"));
+        }
+        self.name = name;
+        Ok(self)
+    }
+
+    /// The node name.
+    pub fn node_name(&self) -> &str {
+        &self.name
+    }
+
+    /// Largest frame payload accepted from the peer. Default 256 KiB, range 1 KiB ..= 16 MiB.
+    ///
+    /// # DoS mitigation
+    ///
+    /// A declared length above it is refused from the header alone; the read buffer never
+    /// grows beyond one frame of this size.
+    ///
+    /// # Errors
+    ///
+    /// Outside the range.
+    pub fn max_frame_size(&mut self, v: u32) -> Result<&mut Self, ConfigError> {
+        if !(MIN_FRAME_SIZE..=MAX_FRAME_SIZE).contains(&v) {
+            return Err(ConfigError::OutOfBounds("max_frame_size"));
+        }
+        self.max_frame_size = v;
+        Ok(self)
+    }
+
+    /// Largest message (after reassembly of its fragments) accepted from the peer. Default
+    /// 16 MiB, at least 1 KiB.
+    ///
+    /// # Errors
+    ///
+    /// Below 1 KiB.
+    pub fn max_message_size(&mut self, v: u32) -> Result<&mut Self, ConfigError> {
+        if v < MIN_FRAME_SIZE {
+            return Err(ConfigError::OutOfBounds("max_message_size"));
+        }
+        self.max_message_size = v;
+        Ok(self)
+    }
+
+    /// The peer's largest message, for a caller checking before it serializes.
+    pub fn message_size_limit(&self) -> u32 {
+        self.max_message_size
+    }
+
+    /// Credit granted to the peer per channel: bytes (frame headers included) it may send on
+    /// one channel before the application here has consumed them. Default 1 MiB.
+    ///
+    /// # Errors
+    ///
+    /// Outside 1 KiB ..= 2^31 - 1.
+    pub fn channel_window(&mut self, v: u32) -> Result<&mut Self, ConfigError> {
+        if !(MIN_WINDOW..=MAX_WINDOW).contains(&v) {
+            return Err(ConfigError::OutOfBounds("channel_window"));
+        }
+        self.channel_window = v;
+        Ok(self)
+    }
+
+    /// Credit granted to the peer for the whole connection. Default 4 MiB.
+    ///
+    /// # DoS mitigation
+    ///
+    /// Bounds the unconsumed messages one peer can make this side hold.
+    ///
+    /// # Errors
+    ///
+    /// Outside 1 KiB ..= 2^31 - 1.
+    pub fn connection_window(&mut self, v: u32) -> Result<&mut Self, ConfigError> {
+        if !(MIN_WINDOW..=MAX_WINDOW).contains(&v) {
+            return Err(ConfigError::OutOfBounds("connection_window"));
+        }
+        self.connection_window = v;
+        Ok(self)
+    }
+
+    /// Most channels the peer may keep open at once. Default 256; further opens are refused
+    /// with CHANNEL_REFUSED, and a peer holding more than twice this many is disconnected.
+    pub fn max_channels(&mut self, v: u32) -> &mut Self {
+        self.max_channels = v;
+        self
+    }
+
+    /// Most bytes of partially received (fragmented) messages held at once per connection.
+    /// Default 64 MiB; a peer exceeding it is disconnected with MESSAGE_TOO_LARGE.
+    ///
+    /// # DoS mitigation
+    ///
+    /// The credit of non-final fragments is returned as soon as they are buffered (so that a
+    /// message larger than the window can pass), so this is what bounds reassembly memory.
+    pub fn max_reassembly(&mut self, v: usize) -> &mut Self {
+        self.max_reassembly = v;
+        self
+    }
+
+    /// Keepalive interval: a PING goes out after this long without sending, and the peer is
+    /// declared dead after three intervals of silence. Default 10 s; zero disables it (the
+    /// peer's interval then applies, if it has one).
+    ///
+    /// # Errors
+    ///
+    /// Longer than `u32::MAX` milliseconds.
+    pub fn heartbeat(&mut self, v: Duration) -> Result<&mut Self, ConfigError> {
+        if u32::try_from(v.as_millis()).is_err() {
+            return Err(ConfigError::OutOfBounds("heartbeat"));
+        }
+        self.heartbeat = v;
+        Ok(self)
+    }
+
+    /// Deadline for the handshake, counted from the connection's creation. Default 10 s.
+    ///
+    /// # DoS mitigation
+    ///
+    /// Runs even when the peer sends nothing, so silent or trickling connections are closed.
+    pub fn handshake_timeout(&mut self, v: Duration) -> &mut Self {
+        self.handshake_timeout = v;
+        self
+    }
+}
