@@ -1,1 +1,60 @@
-//! x
+//! slic: low-latency, message-based communication between processes and machines.
+//!
+//! A [`Node`] listens on any number of addresses and connects to any number of peers. It sends
+//! typed messages (serialized with serde: postcard, MessagePack or JSON) or raw bytes to all,
+//! one or some peers, receives them with the sender's identity attached, and multiplexes
+//! ordered [`Channel`]s over each connection with per-channel flow control.
+//!
+//! ```text
+//! slic-cli   (binary `slic`)
+//!    |
+//! slic       (this crate: tokio driver, Node, channels, blocking facade)
+//!    |
+//! slic-proto (sans-IO protocol core: frames, handshake, channels, flow control, timers)
+//! ```
+//!
+//! What it does not do (yet): TLS, compression, named resources, discovery. The wire format
+//! is specified in PROTOCOL.md.
+//!
+//! # Example
+//!
+//! ```
+//! use slic::{Node, Target};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), slic::Error> {
+//! let server = Node::builder().name("hub").build()?;
+//! let addr = server.listen("127.0.0.1:0").await?;
+//! let client = Node::builder().name("pc2").build()?;
+//! let peer = client.connect(addr).await?;
+//! client.send(Target::Peer(peer), &(1u8, "one".to_string())).await?;
+//! let msg = server.receive().await?;
+//! assert_eq!(msg.decode::<(u8, String)>()?, (1, "one".to_string()));
+//! # Ok(()) }
+//! ```
+//!
+//! Code without a runtime uses [`blocking::Node`], which has the same methods.
+//!
+//! # Performance
+//!
+//! Each connection is one task that owns its socket (TCP_NODELAY on) and its protocol state.
+//! It writes every frame that is ready in one vectored write and writes as soon as its queue
+//! has something, so a lone message leaves at once and a burst leaves batched. Payloads are
+//! `bytes::Bytes`, shared rather than copied, from serialization to the socket.
+
+pub mod blocking;
+mod channel;
+mod codec;
+mod driver;
+mod error;
+mod node;
+
+pub use bytes::Bytes;
+pub use channel::Channel;
+pub use codec::Codec;
+pub use error::Error;
+pub use node::{
+    ChannelId, DisconnectReason, Event, Events, Message, MessageId, Messages, Node, NodeBuilder,
+    PeerId, PeerInfo, Target,
+};
+pub use slic_proto::{CodecId, ConnectionError, ErrorCode, Initiator};

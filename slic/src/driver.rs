@@ -1,0 +1,633 @@
+//! The task that owns one socket and one protocol [`Connection`], and the handle that talks to it.
+//!
+//! Each wake-up runs, in order: feed input, drain transmits (written with one vectored write),
+//! handle timers, forward events (STYLE.md §5). Handles reach the task through an unbounded
+//! command queue whose memory is bounded by the peer's send semaphore (`buffer_cap` bytes).
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use slic_proto::{
+    CodecId, Connection, ConnectionError, ErrorCode, Event as ProtoEvent, HEADER_LEN, Initiator,
+    Side, Transmit,
+};
+use tokio::io::{AsyncWriteExt, Interest};
+use tokio::net::TcpStream;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::time::Instant as TokioInstant;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, debug_span};
+
+use crate::channel::Channel;
+use crate::error::Error;
+use crate::node::{
+    ChannelId, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId, PeerInfo,
+};
+
+/// Bytes of frames the task moves out of the protocol core before it writes them.
+const OUT_HIGH_WATER: usize = 256 << 10;
+/// Payloads up to this size are copied next to their header, so a burst of small messages
+/// leaves in one contiguous write; larger ones are written from their own buffer.
+const COPY_THRESHOLD: usize = 1024;
+/// Most segments passed to one `writev` (Linux allows 1024).
+const MAX_IOVECS: usize = 64;
+/// Bytes read from the socket per wake-up before the task yields to its other work.
+const READ_BUDGET: usize = 1 << 20;
+/// Commands drained per wake-up.
+const COMMAND_BUDGET: usize = 256;
+/// How long a closing connection may spend writing its last frames (GOAWAY or ERROR).
+const LINGER: Duration = Duration::from_secs(2);
+
+pub(crate) enum Command {
+    Send {
+        channel: u32,
+        id: u64,
+        codec: CodecId,
+        payload: Bytes,
+        permits: usize,
+    },
+    Open(oneshot::Sender<Result<Channel, Error>>),
+    CloseChannel(u32),
+    Release(u32),
+    Close,
+}
+
+/// Credit of consumed messages, gathered on the consumer side and handed to the task in
+/// batches so that a busy receiver does not wake the task for every message.
+#[derive(Debug)]
+pub(crate) struct CreditReturn {
+    channel: u32,
+    pending: AtomicU32,
+    threshold: u32,
+    cmd: mpsc::UnboundedSender<Command>,
+}
+
+impl CreditReturn {
+    pub(crate) fn consume(&self, credit: u32) {
+        let before = self.pending.fetch_add(credit, Ordering::AcqRel);
+        if before < self.threshold && before + credit >= self.threshold {
+            let _ = self.cmd.send(Command::Release(self.channel));
+        }
+    }
+}
+
+/// What a consumer receives: the message and where its credit goes.
+pub(crate) struct Delivery {
+    pub(crate) msg: Message,
+    pub(crate) credit: Arc<CreditReturn>,
+    pub(crate) amount: u32,
+}
+
+impl Delivery {
+    pub(crate) fn consume(self) -> Message {
+        self.credit.consume(self.amount);
+        self.msg
+    }
+}
+
+/// The handle side of one connection, shared by the node's peer table and channels.
+#[derive(Debug)]
+pub(crate) struct PeerLink {
+    pub(crate) info: PeerInfo,
+    pub(crate) cmd: mpsc::UnboundedSender<Command>,
+    sem: Arc<Semaphore>,
+    buffer_cap: usize,
+    pub(crate) codecs: AtomicU32,
+    pub(crate) max_message: AtomicU32,
+    pub(crate) done: CancellationToken,
+    pub(crate) kill: CancellationToken,
+}
+
+impl PeerLink {
+    /// Queues a message, waiting while the peer's send buffer is full.
+    pub(crate) async fn enqueue(
+        &self,
+        channel: u32,
+        id: MessageId,
+        codec: CodecId,
+        payload: Bytes,
+    ) -> Result<(), Error> {
+        self.check(codec, payload.len())?;
+        let permits = self.permits_for(payload.len());
+        let acquired = self
+            .sem
+            .acquire_many(permits as u32)
+            .await
+            .map_err(|_| Error::UnknownPeer(self.info.id))?;
+        acquired.forget();
+        self.push(channel, id, codec, payload, permits)
+    }
+
+    /// Queues a message, failing with [`Error::Full`] instead of waiting.
+    pub(crate) fn try_enqueue(
+        &self,
+        channel: u32,
+        id: MessageId,
+        codec: CodecId,
+        payload: Bytes,
+    ) -> Result<(), Error> {
+        self.check(codec, payload.len())?;
+        let permits = self.permits_for(payload.len());
+        match self.sem.try_acquire_many(permits as u32) {
+            Ok(p) => p.forget(),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(Error::Full(self.info.id)),
+            Err(tokio::sync::TryAcquireError::Closed) => {
+                return Err(Error::UnknownPeer(self.info.id));
+            }
+        }
+        self.push(channel, id, codec, payload, permits)
+    }
+
+    fn check(&self, codec: CodecId, len: usize) -> Result<(), Error> {
+        let max = self.max_message.load(Ordering::Relaxed);
+        if len > max as usize {
+            return Err(Error::MessageTooLarge { len, max });
+        }
+        if self.codecs.load(Ordering::Relaxed) & u32::from(codec.mask_bit()) == 0 {
+            return Err(Error::CodecRefused(codec));
+        }
+        Ok(())
+    }
+
+    /// A message larger than the whole buffer takes all of it rather than waiting forever.
+    fn permits_for(&self, len: usize) -> usize {
+        (len + HEADER_LEN).min(self.buffer_cap)
+    }
+
+    fn push(
+        &self,
+        channel: u32,
+        id: MessageId,
+        codec: CodecId,
+        payload: Bytes,
+        permits: usize,
+    ) -> Result<(), Error> {
+        self.cmd
+            .send(Command::Send {
+                channel,
+                id: id.0,
+                codec,
+                payload,
+                permits,
+            })
+            .map_err(|_| Error::UnknownPeer(self.info.id))
+    }
+}
+
+/// Starts the task for a freshly connected or accepted stream. `ready` hears once the
+/// handshake is done (or failed).
+pub(crate) fn spawn(
+    node: Arc<NodeInner>,
+    stream: TcpStream,
+    addr: SocketAddr,
+    side: Side,
+    ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
+) {
+    let id = node.next_peer_id();
+    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let buffer_cap = node.settings.buffer_cap;
+    let link = Arc::new(PeerLink {
+        info: PeerInfo {
+            id,
+            name: Arc::from(""),
+            addr,
+        },
+        cmd: cmd_tx,
+        sem: Arc::new(Semaphore::new(buffer_cap)),
+        buffer_cap,
+        codecs: AtomicU32::new(0),
+        max_message: AtomicU32::new(0),
+        done: CancellationToken::new(),
+        kill: node.shutdown.child_token(),
+    });
+    let now = TokioInstant::now().into_std();
+    let conn = Connection::new(node.proto.clone(), side, now);
+    let driver = Driver {
+        conn,
+        stream,
+        cmd_rx,
+        link,
+        node: node.clone(),
+        rbuf: BytesMut::with_capacity(8 << 10),
+        out: OutBuf::default(),
+        held: 0,
+        sinks: HashMap::new(),
+        credits: HashMap::new(),
+        ready,
+        closed: None,
+        connected: false,
+        close_requested: false,
+    };
+    let span = debug_span!("conn", id = id.0, %addr, ?side);
+    node.tracker.spawn(driver.run().instrument(span));
+}
+
+struct Driver {
+    conn: Connection,
+    stream: TcpStream,
+    cmd_rx: mpsc::UnboundedReceiver<Command>,
+    link: Arc<PeerLink>,
+    node: Arc<NodeInner>,
+    rbuf: BytesMut,
+    out: OutBuf,
+    /// Send-buffer permits taken by queued messages and not yet given back.
+    held: usize,
+    sinks: HashMap<u32, mpsc::UnboundedSender<Delivery>>,
+    credits: HashMap<u32, Arc<CreditReturn>>,
+    ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
+    closed: Option<ConnectionError>,
+    connected: bool,
+    close_requested: bool,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let result = self.drive().await;
+        let reason = match (result, self.closed.take()) {
+            (Err(e), _) => DisconnectReason::Io(e.to_string()),
+            (Ok(()), Some(e)) => DisconnectReason::from_connection_error(e),
+            (Ok(()), None) => DisconnectReason::Local,
+        };
+        self.link.sem.close();
+        self.sinks.clear();
+        if self.connected {
+            self.node.remove_peer(self.link.info.id);
+            self.node.emit(Event::PeerDisconnected {
+                peer: self.link.info.clone(),
+                reason,
+            });
+        } else {
+            let err = match &reason {
+                DisconnectReason::Protocol(e) | DisconnectReason::Remote(e) => {
+                    Error::Connection(e.clone())
+                }
+                DisconnectReason::Io(e) => Error::Io(io::Error::other(e.clone())),
+                _ => Error::Shutdown,
+            };
+            self.node.emit(Event::HandshakeFailed {
+                addr: self.link.info.addr,
+                reason: err.to_string(),
+            });
+            if let Some(ready) = self.ready.take() {
+                let _ = ready.send(Err(err));
+            }
+        }
+        self.link.done.cancel();
+    }
+
+    async fn drive(&mut self) -> io::Result<()> {
+        let mut sleep = Box::pin(tokio::time::sleep_until(far_future()));
+        let mut armed = None;
+        let mut killed = false;
+        let mut linger_deadline: Option<TokioInstant> = None;
+        loop {
+            self.dispatch_events();
+            self.flush()?;
+            self.return_permits();
+            if self.closed.is_some() {
+                if self.out.is_empty() {
+                    let _ = self.stream.shutdown().await;
+                    return Ok(());
+                }
+                linger_deadline.get_or_insert_with(|| TokioInstant::now() + LINGER);
+            }
+            let deadline = match (self.conn.poll_timeout(), linger_deadline) {
+                (Some(t), Some(l)) => Some(TokioInstant::from_std(t).min(l)),
+                (Some(t), None) => Some(TokioInstant::from_std(t)),
+                (None, l) => l,
+            };
+            if deadline != armed {
+                armed = deadline;
+                sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
+            }
+            let interest = if self.out.is_empty() {
+                Interest::READABLE
+            } else {
+                Interest::READABLE | Interest::WRITABLE
+            };
+            tokio::select! {
+                biased;
+                () = self.link.kill.cancelled(), if !killed => {
+                    killed = true;
+                    if self.close_requested || self.closed.is_some() {
+                        // A graceful close already ran out of time: drop the socket.
+                        return Ok(());
+                    }
+                    self.conn.close(ErrorCode::NoError, "shutdown");
+                    linger_deadline = Some(TokioInstant::now() + LINGER);
+                }
+                ready = self.stream.ready(interest) => {
+                    let ready = ready?;
+                    if ready.is_readable() || ready.is_read_closed() {
+                        self.read()?;
+                    }
+                }
+                cmd = self.cmd_rx.recv(), if self.closed.is_none() => {
+                    if let Some(cmd) = cmd {
+                        self.command(cmd);
+                        for _ in 0..COMMAND_BUDGET {
+                            match self.cmd_rx.try_recv() {
+                                Ok(cmd) => self.command(cmd),
+                                Err(_) => break,
+                            }
+                        }
+                    }
+                }
+                () = &mut sleep, if armed.is_some() => {
+                    if linger_deadline.is_some_and(|l| TokioInstant::now() >= l) {
+                        return Ok(());
+                    }
+                    self.conn.handle_timeout(TokioInstant::now().into_std());
+                }
+            }
+        }
+    }
+
+    fn read(&mut self) -> io::Result<()> {
+        let mut budget = READ_BUDGET;
+        loop {
+            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
+                self.rbuf.reserve(64 << 10);
+            }
+            match self.stream.try_read_buf(&mut self.rbuf) {
+                Ok(0) => {
+                    self.feed();
+                    self.conn.handle_eof();
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.feed();
+                    budget = budget.saturating_sub(n);
+                    if budget == 0 || self.closed.is_some() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if self.closed.is_some() => {
+                    debug!(error = %e, "read after close");
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn feed(&mut self) {
+        let now = TokioInstant::now().into_std();
+        if let Err(e) = self.conn.handle_input(now, &mut self.rbuf) {
+            debug!(error = %e, "closing connection");
+        }
+        // Deliver as we go so a large read does not pile up events.
+        self.dispatch_events();
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send {
+                channel,
+                id,
+                codec,
+                payload,
+                permits,
+            } => {
+                self.held += permits;
+                if let Err(e) = self.conn.send_message(channel, id, codec, payload) {
+                    debug!(error = %e, channel, "message dropped");
+                }
+            }
+            Command::Open(reply) => {
+                let result = self.conn.open_channel().map(|ch| self.new_channel(ch));
+                let _ = reply.send(result.map_err(Error::from));
+            }
+            Command::CloseChannel(ch) => self.conn.close_channel(ch),
+            Command::Release(ch) => {
+                if let Some(c) = self.credits.get(&ch) {
+                    let n = c.pending.swap(0, Ordering::AcqRel);
+                    self.conn.release(ch, n);
+                }
+            }
+            Command::Close => {
+                self.close_requested = true;
+                self.conn.close(ErrorCode::NoError, "disconnect");
+            }
+        }
+    }
+
+    fn credit_for(&mut self, channel: u32) -> Arc<CreditReturn> {
+        let cfg = &self.node.settings;
+        let threshold = (cfg.channel_window / 4)
+            .min(cfg.connection_window / (4 * (cfg.max_channels.saturating_add(1))))
+            .max(1);
+        self.credits
+            .entry(channel)
+            .or_insert_with(|| {
+                Arc::new(CreditReturn {
+                    channel,
+                    pending: AtomicU32::new(0),
+                    threshold,
+                    cmd: self.link.cmd.clone(),
+                })
+            })
+            .clone()
+    }
+
+    fn new_channel(&mut self, id: u32) -> Channel {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.sinks.insert(id, tx);
+        let credit = self.credit_for(id);
+        Channel::new(
+            ChannelId(id),
+            self.link.clone(),
+            self.node.clone(),
+            rx,
+            credit,
+        )
+    }
+
+    fn dispatch_events(&mut self) {
+        while let Some(ev) = self.conn.poll_event() {
+            match ev {
+                ProtoEvent::Connected(hello) => self.on_connected(&hello),
+                ProtoEvent::Message(m) => {
+                    let credit = self.credit_for(m.channel);
+                    let delivery = Delivery {
+                        msg: Message {
+                            from: self.link.info.clone(),
+                            id: MessageId(m.id),
+                            channel: ChannelId(m.channel),
+                            codec: m.codec,
+                            body: m.payload,
+                        },
+                        credit,
+                        amount: m.credit,
+                    };
+                    let undelivered = if m.channel == 0 {
+                        self.node.inbox_tx.send(delivery).err().map(|e| e.0)
+                    } else {
+                        match self.sinks.get(&m.channel) {
+                            Some(sink) => sink.send(delivery).err().map(|e| e.0),
+                            None => Some(delivery),
+                        }
+                    };
+                    // Nobody will read it (the channel handle was dropped): free its credit.
+                    if let Some(d) = undelivered {
+                        d.consume();
+                    }
+                }
+                ProtoEvent::ChannelOpened { channel } => {
+                    let ch = self.new_channel(channel);
+                    self.node.emit(Event::ChannelOpened {
+                        peer: self.link.info.clone(),
+                        channel: ChannelId(channel),
+                        initiator: Initiator::Remote,
+                    });
+                    if let Err(e) = self.node.incoming_channels_tx.send(ch) {
+                        drop(e);
+                    }
+                }
+                ProtoEvent::ChannelClosed { channel, initiator } => {
+                    self.sinks.remove(&channel);
+                    self.credits.remove(&channel);
+                    self.node.emit(Event::ChannelClosed {
+                        peer: self.link.info.clone(),
+                        channel: ChannelId(channel),
+                        initiator,
+                    });
+                }
+                ProtoEvent::Closed(e) => {
+                    debug!(error = %e, "connection closed");
+                    self.closed = Some(e);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn on_connected(&mut self, hello: &slic_proto::Hello) {
+        let mut info = self.link.info.clone();
+        info.name = Arc::from(hello.name.as_str());
+        // The link was created before the name was known; rebuild it with the name. Handles
+        // cloned before this point do not exist: nothing saw the link yet.
+        let link = Arc::new(PeerLink {
+            info: info.clone(),
+            cmd: self.link.cmd.clone(),
+            sem: self.link.sem.clone(),
+            buffer_cap: self.link.buffer_cap,
+            codecs: AtomicU32::new(u32::from(hello.codecs)),
+            max_message: AtomicU32::new(hello.max_message_size),
+            done: self.link.done.clone(),
+            kill: self.link.kill.clone(),
+        });
+        self.link = link.clone();
+        self.connected = true;
+        self.node.add_peer(link);
+        self.node.emit(Event::PeerConnected(info.clone()));
+        if let Some(ready) = self.ready.take() {
+            let _ = ready.send(Ok(info.id));
+        }
+    }
+
+    fn return_permits(&mut self) {
+        let queued = self.conn.queued_bytes();
+        if self.held > queued {
+            let n = self.held - queued;
+            self.held = queued;
+            self.link.sem.add_permits(n);
+        }
+    }
+
+    /// Moves ready frames out of the core and writes as much as the socket takes now.
+    fn flush(&mut self) -> io::Result<()> {
+        loop {
+            let now = TokioInstant::now().into_std();
+            while self.out.len() < OUT_HIGH_WATER {
+                match self.conn.poll_transmit(now) {
+                    Some(t) => self.out.push(t),
+                    None => break,
+                }
+            }
+            if self.out.is_empty() {
+                return Ok(());
+            }
+            let written = {
+                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+                let n = self.out.slices(&mut slices);
+                match self.stream.try_write_vectored(&slices[..n]) {
+                    Ok(w) => w,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                    Err(e) => return Err(e),
+                }
+            };
+            self.out.advance(written);
+        }
+    }
+}
+
+fn far_future() -> TokioInstant {
+    TokioInstant::now() + Duration::from_secs(86_400 * 365)
+}
+
+/// Frames waiting for the socket, as a list of buffers ready for one vectored write.
+#[derive(Default)]
+struct OutBuf {
+    segs: std::collections::VecDeque<Bytes>,
+    tail: BytesMut,
+    len: usize,
+}
+
+impl OutBuf {
+    fn push(&mut self, t: Transmit) {
+        self.len += t.len();
+        self.tail.extend_from_slice(&t.header);
+        if t.payload.len() <= COPY_THRESHOLD {
+            self.tail.extend_from_slice(&t.payload);
+        } else {
+            self.segs.push_back(self.tail.split().freeze());
+            self.segs.push_back(t.payload);
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn slices<'a>(&'a mut self, out: &mut [IoSlice<'a>; MAX_IOVECS]) -> usize {
+        if !self.tail.is_empty() {
+            self.segs.push_back(self.tail.split().freeze());
+        }
+        let mut n = 0;
+        for seg in self.segs.iter().filter(|s| !s.is_empty()).take(MAX_IOVECS) {
+            out[n] = IoSlice::new(seg);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut written: usize) {
+        self.len -= written;
+        while written > 0 {
+            let Some(front) = self.segs.front_mut() else {
+                break;
+            };
+            if front.len() <= written {
+                written -= front.len();
+                self.segs.pop_front();
+            } else {
+                let _ = front.split_to(written);
+                written = 0;
+            }
+        }
+        while self.segs.front().is_some_and(Bytes::is_empty) {
+            self.segs.pop_front();
+        }
+    }
+}

@@ -1,0 +1,865 @@
+//! [`Node`]: one object that listens, connects to many peers, sends and receives.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_core::Stream;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use slic_proto::{CodecId, ConnectionError, Initiator, Side};
+use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, debug_span};
+
+use crate::channel::Channel;
+use crate::codec::{self, Codec};
+use crate::driver::{self, Command, Delivery, PeerLink};
+use crate::error::Error;
+
+/// Identifies one connection of a node. Ids are never reused within a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PeerId(pub u64);
+
+impl fmt::Display for PeerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "#{}", self.0)
+    }
+}
+
+/// Identifies a message sent by a node; unique per sending node. A message sent to several
+/// peers has one id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct MessageId(pub u64);
+
+/// A channel id on one connection; channel 0 is the connection's default channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChannelId(pub u32);
+
+impl fmt::Display for ChannelId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Who a peer is: its id on this node, the name it announced, and its address.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerInfo {
+    /// The connection's id on this node.
+    pub id: PeerId,
+    /// The name the peer announced in its handshake.
+    pub name: Arc<str>,
+    /// The peer's socket address.
+    pub addr: SocketAddr,
+}
+
+/// Where [`Node::send`] delivers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Target {
+    /// Every connected peer.
+    All,
+    /// One peer.
+    Peer(PeerId),
+    /// Some peers.
+    Peers(Vec<PeerId>),
+}
+
+/// A message received from a peer.
+#[derive(Clone, Debug)]
+pub struct Message {
+    /// Who sent it.
+    pub from: PeerInfo,
+    /// The sender's id for it.
+    pub id: MessageId,
+    /// The channel it arrived on (0 for [`Node::send`]).
+    pub channel: ChannelId,
+    /// The codec the sender encoded it with.
+    pub codec: CodecId,
+    /// The encoded body, shared with the receive buffer.
+    pub body: Bytes,
+}
+
+impl Message {
+    /// Decodes the body with the codec the sender used.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Decode`] when the body is not a `T`, or was sent as raw bytes.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        codec::decode(self.codec, &self.body)
+    }
+
+    /// The raw body bytes.
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+}
+
+/// Why a peer's connection ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DisconnectReason {
+    /// This node closed it (disconnect or shutdown).
+    Local,
+    /// The peer closed it (GOAWAY, ERROR or end of stream).
+    Remote(ConnectionError),
+    /// The peer broke the protocol or went silent.
+    Protocol(ConnectionError),
+    /// The socket failed.
+    Io(String),
+}
+
+impl DisconnectReason {
+    pub(crate) fn from_connection_error(e: ConnectionError) -> Self {
+        match e.initiator() {
+            Initiator::Local => Self::Local,
+            Initiator::Remote => Self::Remote(e),
+            Initiator::Protocol => Self::Protocol(e),
+        }
+    }
+}
+
+/// Something that happened to a node's connections.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum Event {
+    /// A peer completed its handshake.
+    PeerConnected(PeerInfo),
+    /// A peer's connection ended.
+    PeerDisconnected {
+        /// The peer.
+        peer: PeerInfo,
+        /// Why.
+        reason: DisconnectReason,
+    },
+    /// A channel was opened by the peer.
+    ChannelOpened {
+        /// The peer.
+        peer: PeerInfo,
+        /// The channel.
+        channel: ChannelId,
+        /// Who opened it.
+        initiator: Initiator,
+    },
+    /// A channel is closed on both sides.
+    ChannelClosed {
+        /// The peer.
+        peer: PeerInfo,
+        /// The channel.
+        channel: ChannelId,
+        /// Who closed it.
+        initiator: Initiator,
+    },
+    /// An incoming or outgoing connection failed before its handshake completed.
+    HandshakeFailed {
+        /// The remote address.
+        addr: SocketAddr,
+        /// What went wrong.
+        reason: String,
+    },
+    /// This subscriber fell behind and missed this many events.
+    Lagged(u64),
+}
+
+/// Node settings that live outside the protocol core.
+#[derive(Clone, Debug)]
+pub(crate) struct Settings {
+    pub(crate) codec: Codec,
+    pub(crate) buffer_cap: usize,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) channel_window: u32,
+    pub(crate) connection_window: u32,
+    pub(crate) max_channels: u32,
+}
+
+/// Builds a [`Node`]. Every setting has a default; see each setter.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use slic::{Codec, Node};
+///
+/// let node = Node::builder()
+///     .name("hub")
+///     .codec(Codec::Json)
+///     .buffer_cap(1 << 20)
+///     .heartbeat(Duration::from_secs(5))
+///     .build()?;
+/// assert_eq!(node.name(), "hub");
+/// # Ok::<(), slic::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct NodeBuilder {
+    proto: slic_proto::Config,
+    settings: Settings,
+    error: Option<Error>,
+}
+
+impl Default for NodeBuilder {
+    fn default() -> Self {
+        let proto = slic_proto::Config::default();
+        Self {
+            settings: Settings {
+                codec: Codec::default(),
+                buffer_cap: DEFAULT_BUFFER_CAP,
+                connect_timeout: Duration::from_secs(10),
+                channel_window: 1 << 20,
+                connection_window: 4 << 20,
+                max_channels: 256,
+            },
+            proto,
+            error: None,
+        }
+    }
+}
+
+/// Default `buffer_cap`: 4 MiB of queued messages per peer.
+const DEFAULT_BUFFER_CAP: usize = 4 << 20;
+
+impl NodeBuilder {
+    fn record(&mut self, r: Result<(), slic_proto::ConfigError>) {
+        if let Err(e) = r
+            && self.error.is_none()
+        {
+            self.error = Some(Error::Config(e.to_string()));
+        }
+    }
+
+    /// The name this node announces in handshakes: 1 to 255 bytes of UTF-8. Default: `slic-`
+    /// followed by the process id.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        let r = self.proto.name(name).map(drop);
+        self.record(r);
+        self
+    }
+
+    /// The codec this node serializes with. Default [`Codec::Postcard`]. Receiving works with
+    /// every codec whatever this is.
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.settings.codec = codec;
+        self
+    }
+
+    /// Largest frame accepted from a peer, 1 KiB ..= 16 MiB. Default 256 KiB. Larger messages
+    /// travel as several frames.
+    pub fn max_frame_size(mut self, bytes: u32) -> Self {
+        let r = self.proto.max_frame_size(bytes).map(drop);
+        self.record(r);
+        self
+    }
+
+    /// Largest message accepted from a peer, at least 1 KiB. Default 16 MiB.
+    pub fn max_message_size(mut self, bytes: u32) -> Self {
+        let r = self.proto.max_message_size(bytes).map(drop);
+        self.record(r);
+        self
+    }
+
+    /// Bytes of messages that may wait to be sent to one peer. Default 4 MiB. When it is
+    /// reached, [`Node::send`] waits and [`Node::try_send`] fails with [`Error::Full`]; this is
+    /// what bounds memory when a peer reads slower than this node writes.
+    pub fn buffer_cap(mut self, bytes: usize) -> Self {
+        if bytes < 64 || bytes > u32::MAX as usize {
+            self.error
+                .get_or_insert(Error::Config("buffer_cap must be 64 ..= 4 GiB".into()));
+        }
+        self.settings.buffer_cap = bytes;
+        self
+    }
+
+    /// How long [`Node::connect`] waits for the TCP connection and the handshake. Default 10 s.
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.connect_timeout = timeout;
+        self
+    }
+
+    /// Keepalive interval: a PING after this long without sending, and a peer silent for three
+    /// intervals is disconnected. Default 10 s; zero turns it off on this side.
+    pub fn heartbeat(mut self, interval: Duration) -> Self {
+        let r = self.proto.heartbeat(interval).map(drop);
+        self.record(r);
+        self
+    }
+
+    /// Deadline for a peer's handshake, from accept or connect. Default 10 s.
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.proto.handshake_timeout(timeout);
+        self
+    }
+
+    /// Flow-control credit granted to a peer per channel. Default 1 MiB.
+    pub fn channel_window(mut self, bytes: u32) -> Self {
+        let r = self.proto.channel_window(bytes).map(drop);
+        self.record(r);
+        self.settings.channel_window = bytes;
+        self
+    }
+
+    /// Flow-control credit granted to a peer for a whole connection. Default 4 MiB. Bounds the
+    /// received but unread messages one peer can make this node hold.
+    pub fn connection_window(mut self, bytes: u32) -> Self {
+        let r = self.proto.connection_window(bytes).map(drop);
+        self.record(r);
+        self.settings.connection_window = bytes;
+        self
+    }
+
+    /// Most channels a peer may keep open on one connection. Default 256.
+    pub fn max_channels(mut self, n: u32) -> Self {
+        self.proto.max_channels(n);
+        self.settings.max_channels = n;
+        self
+    }
+
+    /// Builds the node. No socket is opened until [`Node::listen`] or [`Node::connect`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for the first setting that was out of bounds.
+    pub fn build(mut self) -> Result<Node, Error> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if self.proto.node_name() == "slic" {
+            let name = format!("slic-{}", std::process::id());
+            let r = self.proto.name(name).map(drop);
+            self.record(r);
+        }
+        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+        let (incoming_channels_tx, incoming_channels_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        let inner = Arc::new(NodeInner {
+            proto: Arc::new(self.proto),
+            settings: self.settings,
+            peers: Mutex::new(HashMap::new()),
+            inbox_tx,
+            inbox_rx: tokio::sync::Mutex::new(inbox_rx),
+            incoming_channels_tx,
+            incoming_channels_rx: tokio::sync::Mutex::new(incoming_channels_rx),
+            events,
+            next_peer: AtomicU64::new(1),
+            next_message: AtomicU64::new(1),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        });
+        Ok(Node {
+            owner: Arc::new(Owner { inner }),
+        })
+    }
+}
+
+/// Events kept for a slow subscriber before it sees [`Event::Lagged`].
+const EVENT_CAPACITY: usize = 1024;
+
+pub(crate) struct NodeInner {
+    pub(crate) proto: Arc<slic_proto::Config>,
+    pub(crate) settings: Settings,
+    peers: Mutex<HashMap<PeerId, Arc<PeerLink>>>,
+    pub(crate) inbox_tx: mpsc::UnboundedSender<Delivery>,
+    inbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Delivery>>,
+    pub(crate) incoming_channels_tx: mpsc::UnboundedSender<Channel>,
+    incoming_channels_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Channel>>,
+    events: broadcast::Sender<Event>,
+    next_peer: AtomicU64,
+    next_message: AtomicU64,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tracker: TaskTracker,
+}
+
+impl fmt::Debug for NodeInner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Node")
+            .field("name", &self.proto.node_name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeInner {
+    pub(crate) fn next_peer_id(&self) -> PeerId {
+        PeerId(self.next_peer.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub(crate) fn next_message_id(&self) -> MessageId {
+        MessageId(self.next_message.fetch_add(1, Ordering::Relaxed))
+    }
+
+    pub(crate) fn add_peer(&self, link: Arc<PeerLink>) {
+        self.peers_lock().insert(link.info.id, link);
+    }
+
+    pub(crate) fn remove_peer(&self, id: PeerId) {
+        self.peers_lock().remove(&id);
+    }
+
+    pub(crate) fn emit(&self, event: Event) {
+        // No subscriber is fine: events are optional to observe.
+        let _ = self.events.send(event);
+    }
+
+    fn peers_lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<PeerLink>>> {
+        // The lock is never held across an await or user code, so poisoning can only follow a
+        // panic inside this module's short critical sections; the map is still consistent.
+        self.peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn link(&self, id: PeerId) -> Result<Arc<PeerLink>, Error> {
+        self.peers_lock()
+            .get(&id)
+            .cloned()
+            .ok_or(Error::UnknownPeer(id))
+    }
+
+    fn targets(&self, target: &Target) -> Result<Vec<Arc<PeerLink>>, Error> {
+        let peers = self.peers_lock();
+        let links: Vec<_> = match target {
+            Target::All => {
+                let mut all: Vec<_> = peers.values().cloned().collect();
+                all.sort_by_key(|l| l.info.id);
+                all
+            }
+            Target::Peer(id) => vec![peers.get(id).cloned().ok_or(Error::UnknownPeer(*id))?],
+            Target::Peers(ids) => ids
+                .iter()
+                .map(|id| peers.get(id).cloned().ok_or(Error::UnknownPeer(*id)))
+                .collect::<Result<_, _>>()?,
+        };
+        if links.is_empty() {
+            return Err(Error::NoPeers);
+        }
+        Ok(links)
+    }
+
+    pub(crate) async fn receive(&self) -> Result<Message, Error> {
+        let mut rx = self.inbox_rx.lock().await;
+        tokio::select! {
+            d = rx.recv() => d.map(Delivery::consume).ok_or(Error::Shutdown),
+            () = self.shutdown.cancelled() => Err(Error::Shutdown),
+        }
+    }
+}
+
+/// Cancels the node's tasks when the last [`Node`] handle is dropped.
+struct Owner {
+    inner: Arc<NodeInner>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.inner.shutdown.cancel();
+    }
+}
+
+/// A slic node: listens on any number of addresses, connects to any number of peers, sends to
+/// all, one or some of them, and receives from all of them.
+///
+/// Cloning is cheap and every clone is the same node. Dropping the last clone stops the
+/// node's tasks; [`shutdown`](Self::shutdown) does so and waits for them.
+///
+/// # Examples
+///
+/// ```
+/// use slic::{Node, Target};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), slic::Error> {
+/// let server = Node::builder().name("hub").build()?;
+/// let addr = server.listen("127.0.0.1:0").await?;
+///
+/// let client = Node::builder().name("pc2").build()?;
+/// client.connect(addr).await?;
+/// client.send(Target::All, &"hello").await?;
+///
+/// let msg = server.receive().await?;
+/// assert_eq!(msg.decode::<String>()?, "hello");
+/// assert_eq!(&*msg.from.name, "pc2");
+/// server.send(Target::Peer(msg.from.id), &42u32).await?;
+/// assert_eq!(client.receive().await?.decode::<u32>()?, 42);
+/// # client.shutdown().await; server.shutdown().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Node {
+    owner: Arc<Owner>,
+}
+
+impl fmt::Debug for Node {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.inner().fmt(f)
+    }
+}
+
+impl Node {
+    /// A builder with default settings.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    fn inner(&self) -> &Arc<NodeInner> {
+        &self.owner.inner
+    }
+
+    /// The name this node announces.
+    pub fn name(&self) -> &str {
+        self.inner().proto.node_name()
+    }
+
+    /// The codec this node sends with.
+    pub fn codec(&self) -> Codec {
+        self.inner().settings.codec
+    }
+
+    /// Listens on `addr` and returns the bound address (with port 0 the OS picks one). A node
+    /// may listen on several addresses; each accepted connection becomes a peer once its
+    /// handshake completes ([`Event::PeerConnected`]).
+    ///
+    /// # Errors
+    ///
+    /// The address does not resolve or cannot be bound, or the node is shut down.
+    pub async fn listen(&self, addr: impl ToSocketAddrs) -> Result<SocketAddr, Error> {
+        let inner = self.inner();
+        if inner.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let listener = TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let node = inner.clone();
+        let span = debug_span!("listen", %local);
+        inner
+            .tracker
+            .spawn(accept_loop(node, listener).instrument(span));
+        Ok(local)
+    }
+
+    /// Connects to a listening node and completes the handshake. Returns the new peer's id.
+    ///
+    /// # Errors
+    ///
+    /// The connection is refused, the handshake fails, or `connect_timeout` passes.
+    pub async fn connect(&self, addr: impl ToSocketAddrs) -> Result<PeerId, Error> {
+        let inner = self.inner();
+        if inner.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let timeout = inner.settings.connect_timeout;
+        let work = async {
+            let stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let peer_addr = stream.peer_addr()?;
+            let (tx, rx) = oneshot::channel();
+            driver::spawn(inner.clone(), stream, peer_addr, Side::Client, Some(tx));
+            rx.await.map_err(|_| Error::Shutdown)?
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| Error::Timeout)?
+    }
+
+    /// The connected peers, in the order they connected.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let mut v: Vec<_> = self
+            .inner()
+            .peers_lock()
+            .values()
+            .map(|l| l.info.clone())
+            .collect();
+        v.sort_by_key(|p| p.id);
+        v
+    }
+
+    /// Serializes `value` once with the node's codec and queues it for every peer in
+    /// `target`, waiting while a peer's send buffer (`buffer_cap`) is full. Returns when the
+    /// message is queued for all of them.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoPeers`], [`Error::UnknownPeer`], [`Error::Encode`],
+    /// [`Error::MessageTooLarge`].
+    pub async fn send<T: Serialize + ?Sized>(
+        &self,
+        target: Target,
+        value: &T,
+    ) -> Result<MessageId, Error> {
+        let codec = self.inner().settings.codec;
+        self.send_encoded(target, codec.id(), codec.encode(value)?)
+            .await
+    }
+
+    /// Sends raw bytes, without serialization; the receiver reads them with [`Message::body`].
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send).
+    pub async fn send_bytes(
+        &self,
+        target: Target,
+        bytes: impl Into<Bytes>,
+    ) -> Result<MessageId, Error> {
+        self.send_encoded(target, CodecId::Raw, bytes.into()).await
+    }
+
+    async fn send_encoded(
+        &self,
+        target: Target,
+        codec: CodecId,
+        payload: Bytes,
+    ) -> Result<MessageId, Error> {
+        let inner = self.inner();
+        let links = inner.targets(&target)?;
+        let id = inner.next_message_id();
+        for link in links {
+            link.enqueue(0, id, codec, payload.clone()).await?;
+        }
+        Ok(id)
+    }
+
+    /// Like [`send`](Self::send) but never waits: fails with [`Error::Full`] when a peer's
+    /// send buffer is full. With several targets, the peers before the full one have the
+    /// message queued.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send), plus [`Error::Full`].
+    pub fn try_send<T: Serialize + ?Sized>(
+        &self,
+        target: Target,
+        value: &T,
+    ) -> Result<MessageId, Error> {
+        let inner = self.inner();
+        let codec = inner.settings.codec;
+        let payload = codec.encode(value)?;
+        let links = inner.targets(&target)?;
+        let id = inner.next_message_id();
+        for link in links {
+            link.try_enqueue(0, id, codec.id(), payload.clone())?;
+        }
+        Ok(id)
+    }
+
+    /// Waits for the next message from any peer (channel 0).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] once the node is shut down.
+    pub async fn receive(&self) -> Result<Message, Error> {
+        self.inner().receive().await
+    }
+
+    /// Alias of [`receive`](Self::receive), for users of the seeds.
+    ///
+    /// # Errors
+    ///
+    /// As [`receive`](Self::receive).
+    pub async fn recv(&self) -> Result<Message, Error> {
+        self.receive().await
+    }
+
+    /// Returns a message if one is waiting, without blocking.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] once the node is shut down.
+    pub fn try_receive(&self) -> Result<Option<Message>, Error> {
+        let inner = self.inner();
+        if inner.shutdown.is_cancelled() {
+            return Err(Error::Shutdown);
+        }
+        let Ok(mut rx) = inner.inbox_rx.try_lock() else {
+            // Another task is inside receive(); it will take the next message.
+            return Ok(None);
+        };
+        match rx.try_recv() {
+            Ok(d) => Ok(Some(d.consume())),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(Error::Shutdown),
+        }
+    }
+
+    /// Waits up to `timeout` for a message; `Ok(None)` when none came.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] once the node is shut down.
+    pub async fn receive_timeout(&self, timeout: Duration) -> Result<Option<Message>, Error> {
+        match tokio::time::timeout(timeout, self.receive()).await {
+            Ok(r) => r.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The received messages as a [`Stream`]; it ends when the node shuts down.
+    ///
+    /// ```no_run
+    /// # async fn f(node: slic::Node) {
+    /// use futures_util::StreamExt;
+    /// let mut messages = node.messages();
+    /// while let Some(msg) = messages.next().await {
+    ///     println!("{} says {:?}", msg.from.name, msg.body);
+    /// }
+    /// # }
+    /// ```
+    pub fn messages(&self) -> Messages {
+        Messages {
+            node: self.inner().clone(),
+            pending: None,
+        }
+    }
+
+    /// Subscribes to connection events from now on.
+    pub fn events(&self) -> Events {
+        Events {
+            rx: self.inner().events.subscribe(),
+        }
+    }
+
+    /// Opens a channel to `peer`: an ordered stream of messages of its own, multiplexed on the
+    /// peer's connection. The peer gets it from [`accept_channel`](Self::accept_channel).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownPeer`], or [`Error::Open`] when the peer's channel limit is reached.
+    pub async fn open_channel(&self, peer: PeerId) -> Result<Channel, Error> {
+        let link = self.inner().link(peer)?;
+        let (tx, rx) = oneshot::channel();
+        link.cmd
+            .send(Command::Open(tx))
+            .map_err(|_| Error::UnknownPeer(peer))?;
+        rx.await.map_err(|_| Error::UnknownPeer(peer))?
+    }
+
+    /// Waits for a channel opened by any peer.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Shutdown`] once the node is shut down.
+    pub async fn accept_channel(&self) -> Result<Channel, Error> {
+        let inner = self.inner();
+        let mut rx = inner.incoming_channels_rx.lock().await;
+        tokio::select! {
+            ch = rx.recv() => ch.ok_or(Error::Shutdown),
+            () = inner.shutdown.cancelled() => Err(Error::Shutdown),
+        }
+    }
+
+    /// Closes the connections to `target` gracefully: what is queued is sent, then GOAWAY.
+    /// Waits up to `timeout` for that, then drops the connections that are not done.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownPeer`] / [`Error::NoPeers`] for a bad target.
+    pub async fn disconnect(&self, target: Target, timeout: Duration) -> Result<(), Error> {
+        let links = self.inner().targets(&target)?;
+        for link in &links {
+            let _ = link.cmd.send(Command::Close);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        for link in &links {
+            if tokio::time::timeout_at(deadline, link.done.cancelled())
+                .await
+                .is_err()
+            {
+                link.kill.cancel();
+            }
+        }
+        for link in &links {
+            // A killed task only drops its socket; this wait is short.
+            link.done.cancelled().await;
+        }
+        Ok(())
+    }
+
+    /// Closes every connection and listener and waits until every task the node started has
+    /// ended. Connections get a GOAWAY and up to two seconds to send it.
+    pub async fn shutdown(&self) {
+        let inner = self.inner();
+        inner.shutdown.cancel();
+        inner.tracker.close();
+        inner.tracker.wait().await;
+    }
+
+    /// Number of tasks of this node still running (listeners and connections).
+    pub fn task_count(&self) -> usize {
+        self.inner().tracker.len()
+    }
+}
+
+async fn accept_loop(node: Arc<NodeInner>, listener: TcpListener) {
+    loop {
+        tokio::select! {
+            () = node.shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    if let Err(e) = stream.set_nodelay(true) {
+                        debug!(error = %e, "set_nodelay failed");
+                    }
+                    driver::spawn(node.clone(), stream, addr, Side::Server, None);
+                }
+                Err(e) => {
+                    // Out of descriptors and the like: back off instead of spinning.
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A [`Stream`] of the messages a node receives; from [`Node::messages`].
+pub struct Messages {
+    node: Arc<NodeInner>,
+    pending: Option<Pin<Box<dyn Future<Output = Result<Message, Error>> + Send>>>,
+}
+
+impl fmt::Debug for Messages {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Messages").finish_non_exhaustive()
+    }
+}
+
+impl Stream for Messages {
+    type Item = Message;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Message>> {
+        let node = self.node.clone();
+        let fut = self
+            .pending
+            .get_or_insert_with(|| Box::pin(async move { node.receive().await }));
+        match fut.as_mut().poll(cx) {
+            Poll::Ready(r) => {
+                self.pending = None;
+                Poll::Ready(r.ok())
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+/// Connection events of a node; from [`Node::events`].
+#[derive(Debug)]
+pub struct Events {
+    rx: broadcast::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event; `None` once the node is gone. A subscriber that falls more than 1024
+    /// events behind gets [`Event::Lagged`] with the number it missed.
+    pub async fn recv(&mut self) -> Option<Event> {
+        match self.rx.recv().await {
+            Ok(e) => Some(e),
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(Event::Lagged(n)),
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    }
+}
