@@ -151,6 +151,9 @@ struct ChannelState {
     /// Refused or locally closed: incoming data is dropped (credit returned).
     discard: bool,
     refused: bool,
+    /// The peer's CHANNEL_CLOSE arrived while our half was still open: the close was the
+    /// peer's, and [`Event::ChannelClosed`] with [`Initiator::Remote`] was already reported.
+    remote_initiated: bool,
     send_credit: u32,
     recv_window: u32,
     recv_unacked: u32,
@@ -167,6 +170,7 @@ impl ChannelState {
             remote_closed: false,
             discard: false,
             refused: false,
+            remote_initiated: false,
             send_credit,
             recv_window,
             recv_unacked: 0,
@@ -749,7 +753,11 @@ impl Connection {
         }
         self.last_peer_channel = id;
         let max = self.config.max_channels;
-        if self.channels.len() > 2 * max as usize + 1 {
+        // Count only the channels the peer opened (open, refused or half-closed): our own
+        // channels and channel 0 are not the peer's doing. Counting `self.channels` made a
+        // side holding many channels of its own kill a peer that opened a single one, and
+        // allowed one channel more than "more than twice max_channels" (PROTOCOL.md).
+        if u64::from(self.peer_channels) >= 2 * u64::from(max) {
             return Err((
                 ErrorCode::ChannelLimit,
                 "too many channels held open".into(),
@@ -786,10 +794,12 @@ impl Connection {
             .first_chunk::<4>()
             .filter(|_| payload.len() == 4)
             .map(|b| ErrorCode::from_u32(u32::from_be_bytes(*b)))
-            .ok_or((
-                ErrorCode::ProtocolError,
-                "CHANNEL_CLOSE payload must be 4 bytes".into(),
-            ))?;
+            .ok_or_else(|| {
+                (
+                    ErrorCode::ProtocolError,
+                    "CHANNEL_CLOSE payload must be 4 bytes".into(),
+                )
+            })?;
         let Some(ch) = self.channels.get_mut(&id) else {
             return Err((
                 ErrorCode::ChannelClosed,
@@ -819,6 +829,7 @@ impl Connection {
         match ch.local {
             LocalHalf::Open => {
                 ch.local = LocalHalf::Closing(ErrorCode::NoError);
+                ch.remote_initiated = true;
                 if !ch.in_ready {
                     ch.in_ready = true;
                     self.ready.push_back(id);
@@ -848,10 +859,12 @@ impl Connection {
             .first_chunk::<4>()
             .filter(|_| payload.len() == 4)
             .map(|b| u32::from_be_bytes(*b))
-            .ok_or((
-                ErrorCode::ProtocolError,
-                "WINDOW_UPDATE payload must be 4 bytes".into(),
-            ))?;
+            .ok_or_else(|| {
+                (
+                    ErrorCode::ProtocolError,
+                    "WINDOW_UPDATE payload must be 4 bytes".into(),
+                )
+            })?;
         if inc == 0 || inc > crate::handshake::MAX_WINDOW {
             return Err((ErrorCode::ProtocolError, "bad window increment".into()));
         }
@@ -1036,7 +1049,12 @@ impl Connection {
                 Initiator::Remote => self.peer_channels -= 1,
                 _ => self.local_channels -= 1,
             }
-            if ch.opened_by == Initiator::Local && !ch.refused {
+            // Report the end of a close this side initiated, whoever opened the channel. A
+            // close the peer initiated was reported (Remote) when its CHANNEL_CLOSE arrived;
+            // keying this on `opened_by` reported the opener twice (Remote, then Local) and
+            // the closer of a peer-opened channel never. A refused channel was never reported
+            // as opened, so its end is not reported either.
+            if !ch.refused && !ch.remote_initiated {
                 self.events.push_back(Event::ChannelClosed {
                     channel: id,
                     initiator: Initiator::Local,
@@ -1113,10 +1131,12 @@ fn close_payload(code: ErrorCode, reason: &str) -> Bytes {
 }
 
 fn parse_close_payload(payload: &[u8]) -> Result<(ErrorCode, String), (ErrorCode, String)> {
-    let (code, reason) = payload.split_first_chunk::<4>().ok_or((
-        ErrorCode::ProtocolError,
-        "close payload shorter than 4 bytes".into(),
-    ))?;
+    let (code, reason) = payload.split_first_chunk::<4>().ok_or_else(|| {
+        (
+            ErrorCode::ProtocolError,
+            "close payload shorter than 4 bytes".into(),
+        )
+    })?;
     let reason = &reason[..reason.len().min(MAX_REASON_LEN)];
     Ok((
         ErrorCode::from_u32(u32::from_be_bytes(*code)),
