@@ -17,6 +17,9 @@ use crate::handshake::{Hello, HelloError};
 /// Protocol version this implementation speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
 
+/// Longest channel label, in bytes.
+pub const MAX_LABEL_LEN: usize = 255;
+
 /// Longest GOAWAY/ERROR reason sent or kept, in bytes.
 const MAX_REASON_LEN: usize = 256;
 
@@ -64,12 +67,43 @@ impl Transmit {
     }
 }
 
-/// A complete message received from the peer.
+/// The kinds of application data a connection carries (PROTOCOL.md, "Requests").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A one-way message (MESSAGE).
+    Message,
+    /// A request to a named resource (REQUEST); `id` is the request id.
+    Request,
+    /// The answer to a request (RESPONSE); `id` is the request's id.
+    Response,
+}
+
+impl Kind {
+    fn frame_type(self) -> FrameType {
+        match self {
+            Self::Message => FrameType::Message,
+            Self::Request => FrameType::Request,
+            Self::Response => FrameType::Response,
+        }
+    }
+
+    fn of(ty: FrameType) -> Self {
+        match ty {
+            FrameType::Request => Self::Request,
+            FrameType::Response => Self::Response,
+            _ => Self::Message,
+        }
+    }
+}
+
+/// A complete message, request or response received from the peer.
 #[derive(Clone, Debug)]
 pub struct IncomingMessage {
+    /// What it is.
+    pub kind: Kind,
     /// Channel it arrived on.
     pub channel: u32,
-    /// Sender-assigned message id.
+    /// Sender-assigned message or request id.
     pub id: u64,
     /// Codec the sender used.
     pub codec: CodecId,
@@ -91,6 +125,13 @@ pub enum Event {
     ChannelOpened {
         /// Channel id.
         channel: u32,
+        /// The label the opener gave it (may be empty).
+        label: String,
+    },
+    /// The peer cancelled the request it sent with this id.
+    Cancel {
+        /// Request id.
+        id: u64,
     },
     /// A channel is closed in both directions.
     ChannelClosed {
@@ -130,6 +171,7 @@ enum LocalHalf {
 
 #[derive(Debug)]
 struct Outgoing {
+    kind: Kind,
     id: u64,
     codec: CodecId,
     payload: Bytes,
@@ -138,6 +180,7 @@ struct Outgoing {
 
 #[derive(Debug)]
 struct Reassembly {
+    kind: Kind,
     id: u64,
     codec: CodecId,
     buf: BytesMut,
@@ -256,7 +299,10 @@ impl Connection {
             state: State::Handshake,
             peer: None,
             heartbeat: None,
-            handshake_deadline: now + config.handshake_timeout,
+            // A huge configured timeout must not overflow Instant: treat it as "a year".
+            handshake_deadline: now
+                .checked_add(config.handshake_timeout)
+                .unwrap_or(now + Duration::from_secs(365 * 86_400)),
             last_send: now,
             last_recv: now,
             control: VecDeque::new(),
@@ -347,6 +393,24 @@ impl Connection {
         codec: CodecId,
         payload: Bytes,
     ) -> Result<(), SendError> {
+        self.send(Kind::Message, channel, id, codec, payload)
+    }
+
+    /// Queues application data of any [`Kind`]: a message, a request (its `id` is the request
+    /// id the response will carry) or a response (its `id` is the request's). Flow control and
+    /// fragmentation are the same for all three.
+    ///
+    /// # Errors
+    ///
+    /// As [`send_message`](Self::send_message).
+    pub fn send(
+        &mut self,
+        kind: Kind,
+        channel: u32,
+        id: u64,
+        codec: CodecId,
+        payload: Bytes,
+    ) -> Result<(), SendError> {
         let peer = match (&self.state, &self.peer) {
             (State::Open, Some(peer)) => peer,
             (State::Handshake, _) => return Err(SendError::NotReady),
@@ -369,6 +433,7 @@ impl Connection {
         self.queued_bytes += HEADER_LEN + payload.len();
         self.stats.messages_sent += 1;
         ch.queue.push_back(Outgoing {
+            kind,
             id,
             codec,
             payload,
@@ -387,6 +452,21 @@ impl Connection {
     ///
     /// Before the handshake, after close, or when the peer's channel limit is reached.
     pub fn open_channel(&mut self) -> Result<u32, OpenError> {
+        self.open_labeled_channel("")
+    }
+
+    /// Opens a channel carrying `label` in its CHANNEL_OPEN (at most 255 bytes; the peer sees
+    /// it in [`Event::ChannelOpened`]). slic uses labels to route channels to built-in services
+    /// such as uploads.
+    ///
+    /// # Errors
+    ///
+    /// As [`open_channel`](Self::open_channel), and [`OpenError::Label`] for a label over
+    /// 255 bytes.
+    pub fn open_labeled_channel(&mut self, label: &str) -> Result<u32, OpenError> {
+        if label.len() > MAX_LABEL_LEN {
+            return Err(OpenError::Label);
+        }
         let peer = match (&self.state, &self.peer) {
             (State::Open, Some(peer)) => peer,
             (State::Handshake, _) => return Err(OpenError::NotReady),
@@ -404,8 +484,21 @@ impl Connection {
         );
         self.channels.insert(id, state);
         self.local_channels += 1;
-        self.push_control(FrameType::ChannelOpen, id, 0, Bytes::new());
+        self.push_control(
+            FrameType::ChannelOpen,
+            id,
+            0,
+            Bytes::copy_from_slice(label.as_bytes()),
+        );
         Ok(id)
+    }
+
+    /// Asks the peer to cancel the request it is serving under `id` (a CANCEL frame). Does
+    /// nothing before the handshake or after close.
+    pub fn cancel_request(&mut self, id: u64) {
+        if self.is_open() {
+            self.push_control(FrameType::Cancel, 0, id, Bytes::new());
+        }
     }
 
     /// Closes a channel: CHANNEL_CLOSE goes out after the messages already queued on it; what
@@ -517,6 +610,8 @@ impl Connection {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(e) => {
+                    // The stream cannot be resynchronised: drop what is buffered.
+                    buf.clear();
                     return Err(self.violation(ErrorCode::from(&e), e.to_string()));
                 }
             };
@@ -524,6 +619,7 @@ impl Connection {
             self.stats.frames_received += 1;
             self.stats.bytes_received += (HEADER_LEN + frame.payload.len()) as u64;
             if let Err((code, reason)) = self.handle_frame(now, frame) {
+                buf.clear();
                 return Err(self.violation(code, reason));
             }
         }
@@ -542,7 +638,14 @@ impl Connection {
             FrameType::Hello | FrameType::Welcome => {
                 Err((ErrorCode::ProtocolError, "second handshake".into()))
             }
-            FrameType::Message => self.handle_message(header, payload),
+            FrameType::Message | FrameType::Request | FrameType::Response => {
+                self.handle_message(header, payload)
+            }
+            FrameType::Cancel => {
+                expect_empty(&payload)?;
+                self.events.push_back(Event::Cancel { id: header.id });
+                Ok(())
+            }
             FrameType::ChannelOpen => self.handle_channel_open(header, &payload),
             FrameType::ChannelClose => self.handle_channel_close(header, &payload),
             FrameType::WindowUpdate => self.handle_window_update(header, &payload),
@@ -670,6 +773,7 @@ impl Connection {
             return Ok(());
         }
         let more = header.flags & flags::MORE != 0;
+        let kind = Kind::of(header.ty);
         let max_message = self.config.max_message_size as usize;
         let message = match ch.reassembly.take() {
             None if !more => Some((header.id, header.codec, payload)),
@@ -680,6 +784,7 @@ impl Connection {
                 let mut buf = BytesMut::new();
                 buf.extend_from_slice(&payload);
                 ch.reassembly = Some(Reassembly {
+                    kind,
                     id: header.id,
                     codec: header.codec,
                     buf,
@@ -687,10 +792,10 @@ impl Connection {
                 None
             }
             Some(mut r) => {
-                if r.id != header.id || r.codec != header.codec {
+                if r.id != header.id || r.codec != header.codec || r.kind != kind {
                     return Err((
                         ErrorCode::ProtocolError,
-                        "fragment id or codec differs from its message".into(),
+                        "fragment type, id or codec differs from its message".into(),
                     ));
                 }
                 if r.buf.len() + payload.len() > max_message {
@@ -710,6 +815,7 @@ impl Connection {
             Some((id, codec, payload)) => {
                 self.stats.messages_received += 1;
                 self.events.push_back(Event::Message(IncomingMessage {
+                    kind,
                     channel,
                     id,
                     codec,
@@ -739,7 +845,17 @@ impl Connection {
         header: Header,
         payload: &[u8],
     ) -> Result<(), (ErrorCode, String)> {
-        expect_empty(payload)?;
+        if payload.len() > MAX_LABEL_LEN {
+            return Err((ErrorCode::ProtocolError, "channel label too long".into()));
+        }
+        let label = std::str::from_utf8(payload)
+            .map_err(|_| {
+                (
+                    ErrorCode::ProtocolError,
+                    "channel label not UTF-8".to_owned(),
+                )
+            })?
+            .to_owned();
         let id = header.channel;
         let peer_parity = match self.side {
             Side::Server => 1,
@@ -774,7 +890,8 @@ impl Connection {
             state.in_ready = true;
             self.ready.push_back(id);
         } else {
-            self.events.push_back(Event::ChannelOpened { channel: id });
+            self.events
+                .push_back(Event::ChannelOpened { channel: id, label });
         }
         self.channels.insert(id, state);
         self.peer_channels += 1;
@@ -977,7 +1094,7 @@ impl Connection {
                 msg.offset += chunk;
                 let more = msg.offset < msg.payload.len();
                 let header = Header {
-                    ty: FrameType::Message,
+                    ty: msg.kind.frame_type(),
                     flags: if more { flags::MORE } else { 0 },
                     codec: msg.codec,
                     channel: id,

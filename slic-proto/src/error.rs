@@ -267,4 +267,7 @@ pub enum OpenError {
     /// Channel ids are exhausted on this connection.
     #[error("channel ids exhausted")]
     Exhausted,
+    /// The channel label is longer than 255 bytes.
+    #[error("channel label longer than 255 bytes")]
+    Label,
 }

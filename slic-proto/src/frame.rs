@@ -76,7 +76,7 @@ impl FrameType {
     /// Flag bits that v1 defines for this type; any other bit set is a protocol error.
     pub fn allowed_flags(self) -> u8 {
         match self {
-            Self::Message => flags::MORE,
+            Self::Message | Self::Request | Self::Response => flags::MORE,
             Self::WindowUpdate => flags::CONNECTION,
             _ => 0,
         }
@@ -84,16 +84,19 @@ impl FrameType {
 
     /// Whether v1 reserves this type for a later version (receiving one is an error).
     pub fn is_reserved(self) -> bool {
-        matches!(
-            self,
-            Self::Request | Self::Response | Self::Ack | Self::Cancel
-        )
+        matches!(self, Self::Ack)
+    }
+
+    /// Whether frames of this type carry application data: flow-controlled, fragmentable and
+    /// tagged with a codec (MESSAGE, REQUEST, RESPONSE).
+    pub fn is_data(self) -> bool {
+        matches!(self, Self::Message | Self::Request | Self::Response)
     }
 }
 
 /// Flag bits of the header's `flags` byte.
 pub mod flags {
-    /// MESSAGE: another fragment of this message follows on the same channel.
+    /// MESSAGE, REQUEST, RESPONSE: another fragment follows on the same channel.
     pub const MORE: u8 = 0b0000_0001;
     /// MESSAGE: reserved for acknowledgements (must be 0 in v1).
     pub const ACK_REQUESTED: u8 = 0b0000_0010;
@@ -212,7 +215,7 @@ impl Header {
             return Err(DecodeError::ReservedFlags { ty, flags });
         }
         let codec = CodecId::from_u8(codec).ok_or(DecodeError::UnknownCodec(codec))?;
-        if ty != FrameType::Message && codec != CodecId::Raw {
+        if !ty.is_data() && codec != CodecId::Raw {
             return Err(DecodeError::UnknownCodec(codec as u8));
         }
         let channel_ok = match ty {
@@ -221,7 +224,8 @@ impl Header {
             | FrameType::Ping
             | FrameType::Pong
             | FrameType::GoAway
-            | FrameType::Error => channel == 0,
+            | FrameType::Error
+            | FrameType::Cancel => channel == 0,
             FrameType::WindowUpdate if flags & flags::CONNECTION != 0 => channel == 0,
             _ => true,
         };
@@ -389,7 +393,7 @@ mod tests {
     #[test]
     fn decoder_rejects_bad_version_type_flags_codec_and_channel() {
         let good = Header::control(FrameType::Ping, 0, 7, 0).encode();
-        let cases: [(usize, u8); 6] = [(0, 2), (1, 0), (1, 200), (1, 4), (2, 1), (3, 1)];
+        let cases: [(usize, u8); 6] = [(0, 2), (1, 0), (1, 200), (1, 6), (2, 1), (3, 1)];
         for (at, v) in cases {
             let mut raw = good;
             raw[at] = v;

@@ -55,7 +55,10 @@ pub mod frame;
 pub mod handshake;
 
 pub use config::{Config, ConfigError};
-pub use connection::{Connection, Event, IncomingMessage, PROTOCOL_VERSION, Side, Stats, Transmit};
+pub use connection::{
+    Connection, Event, IncomingMessage, Kind, MAX_LABEL_LEN, PROTOCOL_VERSION, Side, Stats,
+    Transmit,
+};
 pub use error::{ConnectionError, DecodeError, ErrorCode, Initiator, OpenError, SendError};
 pub use frame::{CodecId, Decoder, Frame, FrameType, HEADER_LEN, Header};
 pub use handshake::Hello;

@@ -16,7 +16,7 @@ use proptest::test_runner::TestCaseError;
 use slic_proto::frame::flags;
 use slic_proto::{
     CodecId, Config, Connection, ConnectionError, Decoder, ErrorCode, Event, Frame, FrameType,
-    HEADER_LEN, Header, Hello, IncomingMessage, Initiator, OpenError, SendError, Side,
+    HEADER_LEN, Header, Hello, IncomingMessage, Initiator, Kind, OpenError, SendError, Side,
 };
 
 // ----- harness -------------------------------------------------------------------------------
@@ -327,7 +327,7 @@ fn channel_opened_events(events: &[Event]) -> Vec<u32> {
     events
         .iter()
         .filter_map(|e| match e {
-            Event::ChannelOpened { channel } => Some(*channel),
+            Event::ChannelOpened { channel, .. } => Some(*channel),
             _ => None,
         })
         .collect()
@@ -1726,7 +1726,7 @@ impl Model {
                         ids.push(m.id);
                         self.unreleased[side].push((m.channel, m.credit));
                     }
-                    Event::ChannelOpened { channel } => {
+                    Event::ChannelOpened { channel, .. } => {
                         prop_assert!(!self.known[side].contains(&channel));
                         self.known[side].push(channel);
                     }
@@ -2130,4 +2130,132 @@ proptest! {
         let now = Instant::now();
         run_fuzz_ops(opened(Side::Client, now), now, ops);
     }
+}
+
+// ----- requests, responses, cancel, labels ---------------------------------------------------
+
+#[test]
+fn request_and_response_arrive_with_their_kind_and_id() {
+    let mut pair = Pair::connected(config("c"), config("s"));
+    pair.client
+        .conn
+        .send(
+            Kind::Request,
+            0,
+            7,
+            CodecId::Json,
+            Bytes::from_static(b"{\"a\":1}"),
+        )
+        .unwrap();
+    pair.drive();
+    let events = pair.server.take_events();
+    let got = messages(&events);
+    assert_eq!(got.len(), 1);
+    assert_eq!((got[0].kind, got[0].id), (Kind::Request, 7));
+    pair.server
+        .conn
+        .send(
+            Kind::Response,
+            0,
+            7,
+            CodecId::Json,
+            Bytes::from_static(b"2"),
+        )
+        .unwrap();
+    pair.drive();
+    let events = pair.client.take_events();
+    let got = messages(&events);
+    assert_eq!(
+        (got[0].kind, got[0].id, &got[0].payload[..]),
+        (Kind::Response, 7, &b"2"[..])
+    );
+    assert_eq!(pair.server.sent_of(FrameType::Response).len(), 1);
+}
+
+#[test]
+fn large_request_is_fragmented_and_reassembled_as_a_request() {
+    let mut c = config("c");
+    c.max_frame_size(1024).unwrap();
+    let mut pair = Pair::connected(config("c"), c);
+    let body = pattern(3, 10_000);
+    pair.client
+        .conn
+        .send(Kind::Request, 0, 3, CodecId::Postcard, body.clone())
+        .unwrap();
+    pair.drive();
+    assert!(pair.client.sent_of(FrameType::Request).len() >= 10);
+    let events = pair.server.take_events();
+    let got = messages(&events);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].kind, Kind::Request);
+    assert_eq!(got[0].payload, body);
+}
+
+#[test]
+fn fragment_of_another_kind_is_a_protocol_violation() {
+    let mut pair = Pair::connected(config("c"), config("s"));
+    let mut bytes = raw(FrameType::Request, flags::MORE, 0, 1, b"part one");
+    bytes.extend(raw(FrameType::Message, 0, 0, 1, b"part two"));
+    pair.server.inbox.extend_from_slice(&bytes);
+    pair.drive();
+    assert_eq!(sent_error_code(&pair.server), ErrorCode::ProtocolError);
+}
+
+#[test]
+fn cancel_reaches_the_peer_as_an_event_with_the_request_id() {
+    let mut pair = Pair::connected(config("c"), config("s"));
+    pair.client.conn.cancel_request(42);
+    pair.drive();
+    let events = pair.server.take_events();
+    assert!(
+        events.iter().any(|e| matches!(e, Event::Cancel { id: 42 })),
+        "{events:?}"
+    );
+}
+
+#[test]
+fn cancel_with_a_payload_or_on_a_channel_is_a_protocol_violation() {
+    for bytes in [
+        raw(FrameType::Cancel, 0, 0, 1, b"x"),
+        raw(FrameType::Cancel, 0, 1, 1, b""),
+    ] {
+        let mut pair = Pair::connected(config("c"), config("s"));
+        pair.server.inbox.extend_from_slice(&bytes);
+        pair.drive();
+        assert_eq!(sent_error_code(&pair.server), ErrorCode::ProtocolError);
+    }
+}
+
+#[test]
+fn channel_label_travels_with_the_open() {
+    let mut pair = Pair::connected(config("c"), config("s"));
+    let id = pair
+        .client
+        .conn
+        .open_labeled_channel("slic.upload")
+        .unwrap();
+    pair.drive();
+    let events = pair.server.take_events();
+    assert!(
+        events.iter().any(|e| matches!(
+            e,
+            Event::ChannelOpened { channel, label } if *channel == id && label == "slic.upload"
+        )),
+        "{events:?}"
+    );
+    let long = "x".repeat(256);
+    assert_eq!(
+        pair.client.conn.open_labeled_channel(&long),
+        Err(OpenError::Label)
+    );
+}
+
+#[test]
+fn channel_label_that_is_not_utf8_is_a_protocol_violation() {
+    let mut pair = Pair::connected(config("c"), config("s"));
+    pair.server
+        .inbox
+        .extend_from_slice(&raw(FrameType::ChannelOpen, 0, 1, 0, &[0xff, 0xfe]));
+    pair.drive();
+    assert_eq!(sent_error_code(&pair.server), ErrorCode::ProtocolError);
 }
