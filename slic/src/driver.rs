@@ -288,6 +288,11 @@ impl Driver {
         loop {
             self.dispatch_events();
             self.flush()?;
+            // poll_transmit can queue events too: the GOAWAY that ends a drain queues Closed,
+            // and an answering CHANNEL_CLOSE completes a channel close. Forward them now, not
+            // at the next wake-up, which may never come: a peer need not answer a GOAWAY, and
+            // disconnect() would then wait for its full timeout.
+            self.dispatch_events();
             self.return_permits();
             if self.closed.is_some() {
                 if self.out.is_empty() {
@@ -479,7 +484,7 @@ impl Driver {
                         d.consume();
                     }
                 }
-                ProtoEvent::ChannelOpened { channel } => {
+                ProtoEvent::ChannelOpened { channel, .. } => {
                     let ch = self.new_channel(channel);
                     self.node.emit(Event::ChannelOpened {
                         peer: self.link.info.clone(),

@@ -272,7 +272,7 @@ impl NodeBuilder {
     pub fn buffer_cap(mut self, bytes: usize) -> Self {
         if bytes < 64 || bytes > u32::MAX as usize {
             self.error
-                .get_or_insert(Error::Config("buffer_cap must be 64 ..= 4 GiB".into()));
+                .get_or_insert_with(|| Error::Config("buffer_cap must be 64 ..= 4 GiB".into()));
         }
         self.settings.buffer_cap = bytes;
         self
@@ -816,10 +816,13 @@ async fn accept_loop(node: Arc<NodeInner>, listener: TcpListener) {
     }
 }
 
+/// The receive in progress of a [`Messages`] stream.
+type PendingReceive = Pin<Box<dyn Future<Output = Result<Message, Error>> + Send>>;
+
 /// A [`Stream`] of the messages a node receives; from [`Node::messages`].
 pub struct Messages {
     node: Arc<NodeInner>,
-    pending: Option<Pin<Box<dyn Future<Output = Result<Message, Error>> + Send>>>,
+    pending: Option<PendingReceive>,
 }
 
 impl fmt::Debug for Messages {
