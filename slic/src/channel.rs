@@ -105,7 +105,11 @@ impl Channel {
         self.send_encoded(CodecId::Raw, bytes.into()).await
     }
 
-    async fn send_encoded(&self, codec: CodecId, payload: Bytes) -> Result<MessageId, Error> {
+    pub(crate) async fn send_encoded(
+        &self,
+        codec: CodecId,
+        payload: Bytes,
+    ) -> Result<MessageId, Error> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::ChannelClosed(self.id));
         }

@@ -34,6 +34,16 @@ impl Codec {
         }
     }
 
+    /// The serde codec a frame's codec id names; `None` for raw bytes.
+    pub fn from_id(id: CodecId) -> Option<Self> {
+        match id {
+            CodecId::Postcard => Some(Self::Postcard),
+            CodecId::MessagePack => Some(Self::MessagePack),
+            CodecId::Json => Some(Self::Json),
+            _ => None,
+        }
+    }
+
     /// Serializes `value`.
     ///
     /// # Errors

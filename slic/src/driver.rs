@@ -7,14 +7,14 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use slic_proto::{
     CodecId, Connection, ConnectionError, ErrorCode, Event as ProtoEvent, HEADER_LEN, Initiator,
-    Side, Transmit,
+    Kind, Side, Transmit,
 };
 use tokio::io::{AsyncWriteExt, Interest};
 use tokio::net::TcpStream;
@@ -28,6 +28,8 @@ use crate::error::Error;
 use crate::node::{
     ChannelId, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId, PeerInfo,
 };
+use crate::resource::{self, Reply, Status};
+use crate::upload;
 
 /// Bytes of frames the task moves out of the protocol core before it writes them.
 const OUT_HIGH_WATER: usize = 256 << 10;
@@ -45,13 +47,21 @@ const LINGER: Duration = Duration::from_secs(2);
 
 pub(crate) enum Command {
     Send {
+        kind: Kind,
         channel: u32,
         id: u64,
         codec: CodecId,
         payload: Bytes,
         permits: usize,
     },
-    Open(oneshot::Sender<Result<Channel, Error>>),
+    Open(&'static str, oneshot::Sender<Result<Channel, Error>>),
+    /// A handler finished the request with this id.
+    Respond {
+        id: u64,
+        reply: Reply,
+    },
+    /// This side gave up on its request with this id.
+    Cancel(u64),
     CloseChannel(u32),
     Release(u32),
     Close,
@@ -101,14 +111,80 @@ pub(crate) struct PeerLink {
     pub(crate) max_message: AtomicU32,
     pub(crate) done: CancellationToken,
     pub(crate) kill: CancellationToken,
+    /// Requests this side sent and awaits, by request id.
+    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    next_request: Arc<AtomicU64>,
+}
+
+/// Forgets a request whose caller stopped waiting (timeout or dropped future) and tells the
+/// peer to cancel it.
+struct CallGuard<'a> {
+    link: &'a PeerLink,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(&self.link.pending).remove(&self.id);
+            let _ = self.link.cmd.send(Command::Cancel(self.id));
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Held only for a map insert or remove, never across user code: a poisoned map is intact.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl PeerLink {
+    /// Sends a request and waits for its response, up to `timeout`. Dropping the future, or
+    /// the timeout, cancels the request on the peer.
+    pub(crate) async fn call(
+        &self,
+        codec: CodecId,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<(CodecId, Bytes), Error> {
+        let id = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(id, tx);
+        let mut guard = CallGuard {
+            link: self,
+            id,
+            armed: true,
+        };
+        let work = async {
+            self.enqueue_kind(Kind::Request, 0, id, codec, payload)
+                .await?;
+            rx.await
+                .map_err(|_| Error::Status(Status::Unavailable("connection closed".into())))
+        };
+        let reply = tokio::time::timeout(timeout, work)
+            .await
+            .map_err(|_| Error::Status(Status::Timeout))??;
+        guard.armed = false;
+        reply.map_err(Error::Status)
+    }
+
     /// Queues a message, waiting while the peer's send buffer is full.
     pub(crate) async fn enqueue(
         &self,
         channel: u32,
         id: MessageId,
+        codec: CodecId,
+        payload: Bytes,
+    ) -> Result<(), Error> {
+        self.enqueue_kind(Kind::Message, channel, id.0, codec, payload)
+            .await
+    }
+
+    async fn enqueue_kind(
+        &self,
+        kind: Kind,
+        channel: u32,
+        id: u64,
         codec: CodecId,
         payload: Bytes,
     ) -> Result<(), Error> {
@@ -120,7 +196,7 @@ impl PeerLink {
             .await
             .map_err(|_| Error::UnknownPeer(self.info.id))?;
         acquired.forget();
-        self.push(channel, id, codec, payload, permits)
+        self.push(kind, channel, id, codec, payload, permits)
     }
 
     /// Queues a message, failing with [`Error::Full`] instead of waiting.
@@ -140,7 +216,7 @@ impl PeerLink {
                 return Err(Error::UnknownPeer(self.info.id));
             }
         }
-        self.push(channel, id, codec, payload, permits)
+        self.push(Kind::Message, channel, id.0, codec, payload, permits)
     }
 
     fn check(&self, codec: CodecId, len: usize) -> Result<(), Error> {
@@ -161,16 +237,18 @@ impl PeerLink {
 
     fn push(
         &self,
+        kind: Kind,
         channel: u32,
-        id: MessageId,
+        id: u64,
         codec: CodecId,
         payload: Bytes,
         permits: usize,
     ) -> Result<(), Error> {
         self.cmd
             .send(Command::Send {
+                kind,
                 channel,
-                id: id.0,
+                id,
                 codec,
                 payload,
                 permits,
@@ -204,6 +282,8 @@ pub(crate) fn spawn(
         max_message: AtomicU32::new(0),
         done: CancellationToken::new(),
         kill: node.shutdown.child_token(),
+        pending: Arc::default(),
+        next_request: Arc::new(AtomicU64::new(1)),
     });
     let now = TokioInstant::now().into_std();
     let conn = Connection::new(node.proto.clone(), side, now);
@@ -222,6 +302,7 @@ pub(crate) fn spawn(
         closed: None,
         connected: false,
         close_requested: false,
+        serving: HashMap::new(),
     };
     let span = debug_span!("conn", id = id.0, %addr, ?side);
     node.tracker.spawn(driver.run().instrument(span));
@@ -243,6 +324,8 @@ struct Driver {
     closed: Option<ConnectionError>,
     connected: bool,
     close_requested: bool,
+    /// Requests from the peer being served here, by request id.
+    serving: HashMap<u64, tokio::task::AbortHandle>,
 }
 
 impl Driver {
@@ -255,6 +338,12 @@ impl Driver {
         };
         self.link.sem.close();
         self.sinks.clear();
+        // Callers waiting for a response learn that the connection is gone; handlers still
+        // running for the peer are stopped, nobody would read their answer.
+        lock(&self.link.pending).clear();
+        for (_, h) in self.serving.drain() {
+            h.abort();
+        }
         if self.connected {
             self.node.remove_peer(self.link.info.id);
             self.node.emit(Event::PeerDisconnected {
@@ -394,6 +483,7 @@ impl Driver {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Send {
+                kind,
                 channel,
                 id,
                 codec,
@@ -401,15 +491,25 @@ impl Driver {
                 permits,
             } => {
                 self.held += permits;
-                if let Err(e) = self.conn.send_message(channel, id, codec, payload) {
+                if let Err(e) = self.conn.send(kind, channel, id, codec, payload) {
                     debug!(error = %e, channel, "message dropped");
                 }
             }
-            Command::Open(reply) => {
-                let result = self.conn.open_channel().map(|ch| self.new_channel(ch));
+            Command::Open(label, reply) => {
+                let result = self
+                    .conn
+                    .open_labeled_channel(label)
+                    .map(|ch| self.new_channel(ch));
                 let _ = reply.send(result.map_err(Error::from));
             }
             Command::CloseChannel(ch) => self.conn.close_channel(ch),
+            Command::Respond { id, reply } => {
+                // A cancelled request is no longer in `serving`: its answer is not wanted.
+                if self.serving.remove(&id).is_some() {
+                    self.respond(id, &reply);
+                }
+            }
+            Command::Cancel(id) => self.conn.cancel_request(id),
             Command::Release(ch) => {
                 if let Some(c) = self.credits.get(&ch) {
                     let n = c.pending.swap(0, Ordering::AcqRel);
@@ -458,6 +558,24 @@ impl Driver {
         while let Some(ev) = self.conn.poll_event() {
             match ev {
                 ProtoEvent::Connected(hello) => self.on_connected(&hello),
+                ProtoEvent::Message(m) if m.kind == Kind::Request => {
+                    // The handler owns the body from here; the in-flight limit bounds memory.
+                    self.conn.release(m.channel, m.credit);
+                    self.on_request(m.id, m.codec, m.payload);
+                }
+                ProtoEvent::Message(m) if m.kind == Kind::Response => {
+                    self.conn.release(m.channel, m.credit);
+                    let reply = resource::decode_response(m.payload).map(|b| (m.codec, b));
+                    // Unknown ids are answers to requests cancelled meanwhile.
+                    if let Some(tx) = lock(&self.link.pending).remove(&m.id) {
+                        let _ = tx.send(reply);
+                    }
+                }
+                ProtoEvent::Cancel { id } => {
+                    if let Some(h) = self.serving.remove(&id) {
+                        h.abort();
+                    }
+                }
                 ProtoEvent::Message(m) => {
                     let credit = self.credit_for(m.channel);
                     let delivery = Delivery {
@@ -483,6 +601,13 @@ impl Driver {
                     if let Some(d) = undelivered {
                         d.consume();
                     }
+                }
+                ProtoEvent::ChannelOpened { channel, label } if label == upload::UPLOAD_LABEL => {
+                    let ch = self.new_channel(channel);
+                    let node = self.node.clone();
+                    self.node.tracker.spawn(async move {
+                        upload::serve(ch, |name| node.upload_target(name)).await;
+                    });
                 }
                 ProtoEvent::ChannelOpened { channel, .. } => {
                     let ch = self.new_channel(channel);
@@ -513,6 +638,50 @@ impl Driver {
         }
     }
 
+    fn respond(&mut self, id: u64, reply: &Reply) {
+        let (codec, payload) = resource::encode_response(reply);
+        if let Err(e) = self.conn.send(Kind::Response, 0, id, codec, payload) {
+            debug!(error = %e, "response dropped");
+        }
+    }
+
+    fn on_request(&mut self, id: u64, codec: CodecId, payload: Bytes) {
+        if self.serving.contains_key(&id) {
+            return self.respond(id, &Err(Status::BadRequest("duplicate request id".into())));
+        }
+        if self.serving.len() >= self.node.settings.max_requests_in_flight {
+            return self.respond(
+                id,
+                &Err(Status::Unavailable("too many requests in flight".into())),
+            );
+        }
+        let (name, body) = match resource::decode_request(payload) {
+            Ok(parts) => parts,
+            Err(status) => return self.respond(id, &Err(status)),
+        };
+        let Some(handler) = self.node.resources.get(&name) else {
+            return self.respond(id, &Err(Status::NotFound(name)));
+        };
+        // The handler runs in a task of its own: a panic there is caught by its JoinHandle
+        // and becomes an Internal status, and a CANCEL aborts it.
+        let work = tokio::spawn(handler(
+            self.link.info.clone(),
+            Arc::from(name),
+            codec,
+            body,
+        ));
+        self.serving.insert(id, work.abort_handle());
+        let cmd = self.link.cmd.clone();
+        self.node.tracker.spawn(async move {
+            let reply = match work.await {
+                Ok(reply) => reply,
+                Err(e) if e.is_panic() => Err(Status::Internal("handler panicked".into())),
+                Err(_) => return, // aborted: cancelled or connection gone
+            };
+            let _ = cmd.send(Command::Respond { id, reply });
+        });
+    }
+
     fn on_connected(&mut self, hello: &slic_proto::Hello) {
         let mut info = self.link.info.clone();
         info.name = Arc::from(hello.name.as_str());
@@ -527,6 +696,8 @@ impl Driver {
             max_message: AtomicU32::new(hello.max_message_size),
             done: self.link.done.clone(),
             kill: self.link.kill.clone(),
+            pending: self.link.pending.clone(),
+            next_request: self.link.next_request.clone(),
         });
         self.link = link.clone();
         self.connected = true;

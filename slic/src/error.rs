@@ -5,6 +5,7 @@ use std::io;
 use slic_proto::{ConnectionError, OpenError};
 
 use crate::node::{ChannelId, PeerId};
+use crate::resource::Status;
 
 /// Everything that can go wrong in `slic`.
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +58,15 @@ pub enum Error {
     /// The node was shut down.
     #[error("node is shut down")]
     Shutdown,
+    /// A request was refused or failed; the status says why.
+    #[error("{0}")]
+    Status(#[from] Status),
+    /// A resource of that name already exists on this node.
+    #[error("resource {0} already exists")]
+    ResourceExists(String),
+    /// Several peers are connected: name one (`get_resource_from`, `upload_resource_to`).
+    #[error("several peers are connected; name the one to call")]
+    AmbiguousPeer,
 }
 
 impl From<Error> for io::Error {
@@ -69,6 +79,7 @@ impl From<Error> for io::Error {
             Error::Shutdown | Error::Connection(_) | Error::ChannelClosed(_) => {
                 Self::new(io::ErrorKind::ConnectionAborted, e)
             }
+            Error::Status(Status::Timeout) => Self::new(io::ErrorKind::TimedOut, e),
             Error::Config(_) | Error::MessageTooLarge { .. } => {
                 Self::new(io::ErrorKind::InvalidInput, e)
             }

@@ -13,7 +13,11 @@
 //! slic-proto (sans-IO protocol core: frames, handshake, channels, flow control, timers)
 //! ```
 //!
-//! What it does not do (yet): TLS, compression, named resources, discovery. The wire format
+//! Named resources ([`Node::create_resource`], [`Node::get_resource`]) answer requests with a
+//! reply or a [`Status`]; upload resources ([`Node::create_upload_resource`],
+//! [`Node::upload_resource`]) store files streamed by clients, checked and fsynced.
+//!
+//! What it does not do (yet): TLS, compression, rate limits, discovery. The wire format
 //! is specified in PROTOCOL.md.
 //!
 //! # Example
@@ -48,6 +52,8 @@ mod codec;
 mod driver;
 mod error;
 mod node;
+mod resource;
+mod upload;
 
 pub use bytes::Bytes;
 pub use channel::Channel;
@@ -57,4 +63,6 @@ pub use node::{
     ChannelId, DisconnectReason, Event, Events, Message, MessageId, Messages, Node, NodeBuilder,
     PeerId, PeerInfo, Target,
 };
+pub use resource::{MAX_RESOURCE_NAME, Request, Status};
 pub use slic_proto::{CodecId, ConnectionError, ErrorCode, Initiator};
+pub use upload::{Progress, StoredFile, UploadOptions, UploadRequest, validate_file_name};

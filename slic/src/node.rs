@@ -4,9 +4,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ use crate::channel::Channel;
 use crate::codec::{self, Codec};
 use crate::driver::{self, Command, Delivery, PeerLink};
 use crate::error::Error;
+use crate::resource::{self, Registry, Request, Status};
+use crate::upload::{self, StoredFile, UploadOptions, UploadRequest, UploadTarget};
 
 /// Identifies one connection of a node. Ids are never reused within a node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -180,6 +183,8 @@ pub(crate) struct Settings {
     pub(crate) channel_window: u32,
     pub(crate) connection_window: u32,
     pub(crate) max_channels: u32,
+    pub(crate) request_timeout: Duration,
+    pub(crate) max_requests_in_flight: usize,
 }
 
 /// Builds a [`Node`]. Every setting has a default; see each setter.
@@ -217,6 +222,8 @@ impl Default for NodeBuilder {
                 channel_window: 1 << 20,
                 connection_window: 4 << 20,
                 max_channels: 256,
+                request_timeout: Duration::from_secs(30),
+                max_requests_in_flight: 1024,
             },
             proto,
             error: None,
@@ -322,6 +329,24 @@ impl NodeBuilder {
         self
     }
 
+    /// How long [`Node::get_resource`] waits for a reply before it cancels the request and
+    /// fails with [`Status::Timeout`]. Default 30 s.
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.settings.request_timeout = timeout;
+        self
+    }
+
+    /// Most requests from one peer served at once. Default 1024; further requests are
+    /// answered [`Status::Unavailable`] at once.
+    ///
+    /// # DoS mitigation
+    ///
+    /// A request's body is held, and its handler runs, until it answers: this bounds both.
+    pub fn max_requests_in_flight(mut self, n: usize) -> Self {
+        self.settings.max_requests_in_flight = n;
+        self
+    }
+
     /// Builds the node. No socket is opened until [`Node::listen`] or [`Node::connect`].
     ///
     /// # Errors
@@ -352,6 +377,8 @@ impl NodeBuilder {
             next_message: AtomicU64::new(1),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            resources: Registry::default(),
+            uploads: RwLock::new(HashMap::new()),
         });
         Ok(Node {
             owner: Arc::new(Owner { inner }),
@@ -375,6 +402,8 @@ pub(crate) struct NodeInner {
     next_message: AtomicU64,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tracker: TaskTracker,
+    pub(crate) resources: Registry,
+    uploads: RwLock<HashMap<String, Arc<UploadTarget>>>,
 }
 
 impl fmt::Debug for NodeInner {
@@ -400,6 +429,24 @@ impl NodeInner {
 
     pub(crate) fn remove_peer(&self, id: PeerId) {
         self.peers_lock().remove(&id);
+    }
+
+    pub(crate) fn upload_target(&self, name: &str) -> Option<Arc<UploadTarget>> {
+        self.uploads
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    fn only_peer(&self) -> Result<PeerId, Error> {
+        let peers = self.peers_lock();
+        let mut ids = peers.keys();
+        match (ids.next(), ids.next()) {
+            (Some(id), None) => Ok(*id),
+            (None, _) => Err(Error::NoPeers),
+            (Some(_), Some(_)) => Err(Error::AmbiguousPeer),
+        }
     }
 
     pub(crate) fn emit(&self, event: Event) {
@@ -734,7 +781,7 @@ impl Node {
         let link = self.inner().link(peer)?;
         let (tx, rx) = oneshot::channel();
         link.cmd
-            .send(Command::Open(tx))
+            .send(Command::Open("", tx))
             .map_err(|_| Error::UnknownPeer(peer))?;
         rx.await.map_err(|_| Error::UnknownPeer(peer))?
     }
@@ -787,6 +834,248 @@ impl Node {
         inner.shutdown.cancel();
         inner.tracker.close();
         inner.tracker.wait().await;
+    }
+
+    /// Publishes a named resource. `handler` is an async function from a typed
+    /// [`Request`] to `Result<Reply, Status>`; it sees who called in `req.from`. A payload
+    /// that does not decode into `T` is answered [`Status::BadRequest`] without calling it; a
+    /// handler that panics is answered [`Status::Internal`] and the connection carries on.
+    /// The reply is encoded in the caller's codec.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ResourceExists`] if the name is taken (also by an upload resource),
+    /// [`Error::Config`] for an empty name or one over 255 bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use serde::{Deserialize, Serialize};
+    /// use slic::{Node, Request, Status};
+    ///
+    /// #[derive(Serialize, Deserialize)]
+    /// struct Add { a: i64 }
+    /// #[derive(Serialize, Deserialize, Debug, PartialEq)]
+    /// struct Answer { answer: i64 }
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), slic::Error> {
+    /// let server = Node::builder().name("hub").build()?;
+    /// server.create_resource(":add", |req: Request<Add>| async move {
+    ///     Ok::<_, Status>(Answer { answer: req.body.a + 1 })
+    /// })?;
+    /// let addr = server.listen("127.0.0.1:0").await?;
+    ///
+    /// let client = Node::builder().build()?;
+    /// client.connect(addr).await?;
+    /// let reply: Answer = client.get_resource(":add", &Add { a: 10 }).await?;
+    /// assert_eq!(reply, Answer { answer: 11 });
+    /// # Ok(()) }
+    /// ```
+    pub fn create_resource<T, R, F, Fut>(&self, name: &str, handler: F) -> Result<(), Error>
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, Status>> + Send + 'static,
+    {
+        let inner = self.inner();
+        if inner.upload_target(name).is_some() {
+            return Err(Error::ResourceExists(name.to_owned()));
+        }
+        inner
+            .resources
+            .insert(name, resource::erase(inner.settings.codec, handler))
+    }
+
+    /// Replaces the handler of an existing resource; requests already running finish with
+    /// the old one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Status`] with [`Status::NotFound`] if there is no such resource.
+    pub fn update_resource<T, R, F, Fut>(&self, name: &str, handler: F) -> Result<(), Error>
+    where
+        T: DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, Status>> + Send + 'static,
+    {
+        let inner = self.inner();
+        inner
+            .resources
+            .replace(name, resource::erase(inner.settings.codec, handler))
+    }
+
+    /// Removes a resource (or upload resource); later calls get [`Status::NotFound`]. Returns
+    /// whether it existed.
+    pub fn remove_resource(&self, name: &str) -> bool {
+        let inner = self.inner();
+        let upload = inner
+            .uploads
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(name)
+            .is_some();
+        inner.resources.remove(name) || upload
+    }
+
+    /// Removes every resource and upload resource.
+    pub fn clear_resources(&self) {
+        let inner = self.inner();
+        inner.resources.clear();
+        inner
+            .uploads
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
+    }
+
+    /// Calls resource `name` on the connected peer and decodes its reply.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Status`] when the server refused or failed (not found, bad request,
+    /// internal, timeout, ...), [`Error::NoPeers`], [`Error::AmbiguousPeer`] when several
+    /// peers are connected (use [`get_resource_from`](Self::get_resource_from)),
+    /// [`Error::Decode`] when the reply is not an `R`.
+    pub async fn get_resource<T, R>(&self, name: &str, body: &T) -> Result<R, Error>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let peer = self.inner().only_peer()?;
+        self.get_resource_from(peer, name, body).await
+    }
+
+    /// Calls resource `name` on `peer`. Many calls may be in flight on one connection at
+    /// once; each gets its own reply. Dropping the future, or the node's
+    /// `request_timeout`, cancels the request on the server.
+    ///
+    /// # Errors
+    ///
+    /// As [`get_resource`](Self::get_resource), and [`Error::UnknownPeer`].
+    pub async fn get_resource_from<T, R>(
+        &self,
+        peer: PeerId,
+        name: &str,
+        body: &T,
+    ) -> Result<R, Error>
+    where
+        T: Serialize + ?Sized,
+        R: DeserializeOwned,
+    {
+        let inner = self.inner();
+        let link = inner.link(peer)?;
+        let codec = inner.settings.codec;
+        let payload = resource::encode_request(codec, name, body)?;
+        let (reply_codec, bytes) = link
+            .call(codec.id(), payload, inner.settings.request_timeout)
+            .await?;
+        codec::decode(reply_codec, &bytes)
+    }
+
+    /// Publishes an upload resource: clients stream files into `dir` with
+    /// [`upload_resource`](Self::upload_resource). Default options: files up to 1 GiB, no
+    /// replacing of existing files.
+    ///
+    /// # Errors
+    ///
+    /// As [`create_upload_resource_with`](Self::create_upload_resource_with).
+    pub fn create_upload_resource(&self, name: &str, dir: impl AsRef<Path>) -> Result<(), Error> {
+        self.create_upload_resource_with(name, dir, UploadOptions::default())
+    }
+
+    /// Publishes an upload resource with options.
+    ///
+    /// Each upload is written to a temporary file inside `dir`, checked against the size and
+    /// BLAKE3 digest the client sends, fsynced with its folder, and only then renamed into
+    /// place; an upload cut off leaves nothing behind. File names from clients are refused
+    /// unless they are one plain file name (no `..`, separators, drive letters, NUL, ...), so
+    /// nothing outside `dir` can be written.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ResourceExists`] if the name is taken, [`Error::Io`] if `dir` is not a
+    /// folder.
+    pub fn create_upload_resource_with(
+        &self,
+        name: &str,
+        dir: impl AsRef<Path>,
+        options: UploadOptions,
+    ) -> Result<(), Error> {
+        resource::validate_name(name)?;
+        let dir: PathBuf = dir.as_ref().canonicalize()?;
+        if !dir.is_dir() {
+            return Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::NotADirectory,
+                format!("{} is not a folder", dir.display()),
+            )));
+        }
+        let inner = self.inner();
+        if inner.resources.contains(name) {
+            return Err(Error::ResourceExists(name.to_owned()));
+        }
+        let mut uploads = inner
+            .uploads
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if uploads.contains_key(name) {
+            return Err(Error::ResourceExists(name.to_owned()));
+        }
+        uploads.insert(name.to_owned(), Arc::new(UploadTarget { dir, options }));
+        Ok(())
+    }
+
+    /// Uploads the file at `path` to upload resource `name` on the connected peer, stored
+    /// under the file's own name. Returns the stored name, size and digest.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Status`] when the server refuses (unknown resource, bad name, too large,
+    /// exists) or the upload fails its checks; [`Error::Io`] reading the file;
+    /// [`Error::NoPeers`] / [`Error::AmbiguousPeer`].
+    pub async fn upload_resource(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+    ) -> Result<StoredFile, Error> {
+        let peer = self.inner().only_peer()?;
+        self.upload_resource_to(peer, name, path, UploadRequest::default())
+            .await
+    }
+
+    /// Uploads to `peer`, with a stored name and a progress callback if given.
+    ///
+    /// ```no_run
+    /// # async fn f(node: slic::Node, peer: slic::PeerId) -> Result<(), slic::Error> {
+    /// let req = slic::UploadRequest::default()
+    ///     .stored_name("backup.tar")
+    ///     .progress(|sent, total| eprintln!("{sent}/{total}"));
+    /// let stored = node.upload_resource_to(peer, ":upload", "/tmp/b.tar", req).await?;
+    /// println!("{} bytes, blake3 {}", stored.size, stored.digest);
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// As [`upload_resource`](Self::upload_resource).
+    pub async fn upload_resource_to(
+        &self,
+        peer: PeerId,
+        name: &str,
+        path: impl AsRef<Path>,
+        request: UploadRequest,
+    ) -> Result<StoredFile, Error> {
+        let link = self.inner().link(peer)?;
+        let (tx, rx) = oneshot::channel();
+        link.cmd
+            .send(Command::Open(upload::UPLOAD_LABEL, tx))
+            .map_err(|_| Error::UnknownPeer(peer))?;
+        let channel = rx.await.map_err(|_| Error::UnknownPeer(peer))??;
+        let result = upload::send_file(&channel, name, path.as_ref(), request).await;
+        channel.close();
+        result
     }
 
     /// Number of tasks of this node still running (listeners and connections).
