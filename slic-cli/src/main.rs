@@ -2,11 +2,14 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use slic::{Event, Node, Target};
+
+mod commands;
 
 /// slic: low-latency messages between processes and machines.
 #[derive(Parser, Debug)]
@@ -24,6 +27,82 @@ enum Command {
     ///
     /// Example: slic demo
     Demo,
+    /// Serves the built-in resources on ADDR until interrupted: `:echo` returns its payload
+    /// (a self-describing codec such as JSON is needed), `:time` returns the server's clock.
+    /// With --upload-dir, `:upload` stores uploaded files in that folder. Messages sent to
+    /// the server are printed.
+    ///
+    /// Example: slic serve --listen 127.0.0.1:7070 --upload-dir ./storage
+    Serve {
+        /// Address to listen on, e.g. 127.0.0.1:7070 (port 0 lets the OS pick; the chosen
+        /// address is printed).
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: String,
+        /// Folder for the `:upload` resource.
+        #[arg(long)]
+        upload_dir: Option<PathBuf>,
+        /// Largest upload accepted, in bytes.
+        #[arg(long, default_value_t = 1 << 30)]
+        max_upload: u64,
+        /// Node name announced to peers.
+        #[arg(long, default_value = "slic-serve")]
+        name: String,
+    },
+    /// Calls a resource with a JSON payload and prints the JSON reply; the status goes to
+    /// standard error. Exit code 0 on success, 2 when the server answered with an error
+    /// status, 1 on any other error.
+    ///
+    /// Example: slic call 127.0.0.1:7070 :echo '{"a": 10}'
+    Call {
+        /// Server address.
+        addr: String,
+        /// Resource name, e.g. :echo.
+        resource: String,
+        /// Payload as JSON.
+        #[arg(default_value = "null")]
+        json: String,
+        /// Seconds to wait for the reply.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+    },
+    /// Sends one JSON message to the node at ADDR.
+    ///
+    /// Example: slic send 127.0.0.1:7070 '"hello"'
+    Send {
+        /// Node address.
+        addr: String,
+        /// Message as JSON.
+        json: String,
+    },
+    /// Listens on ADDR and prints each incoming message as a line: sender, channel, body
+    /// (as JSON when the sender used JSON or MessagePack).
+    ///
+    /// Example: slic listen 127.0.0.1:7071 --count 10
+    Listen {
+        /// Address to listen on.
+        addr: String,
+        /// Exit after this many messages.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+    /// Uploads FILE to upload resource NAME on the server at ADDR, with a progress bar, and
+    /// prints the stored name, size and BLAKE3 digest.
+    ///
+    /// Example: slic upload 127.0.0.1:7070 :upload ./notes.txt
+    Upload {
+        /// Server address.
+        addr: String,
+        /// Upload resource name, e.g. :upload.
+        resource: String,
+        /// File to upload.
+        file: PathBuf,
+        /// Store it under this name instead of the file's own.
+        #[arg(long = "as")]
+        stored_name: Option<String>,
+        /// Do not draw a progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Measures a 64-byte ping-pong over loopback with slic and with raw blocking TCP (4-byte
     /// length prefix) in the same run, and prints p50/p99 and their ratio.
     ///
@@ -50,10 +129,47 @@ fn main() {
     let result = match cli.command {
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo())),
         Command::Bench { rounds, size } => bench(rounds, size),
+        Command::Serve {
+            listen,
+            upload_dir,
+            max_upload,
+            name,
+        } => runtime()
+            .and_then(|rt| rt.block_on(commands::serve(&listen, upload_dir, max_upload, &name))),
+        Command::Call {
+            addr,
+            resource,
+            json,
+            timeout,
+        } => runtime().and_then(|rt| rt.block_on(commands::call(&addr, &resource, &json, timeout))),
+        Command::Send { addr, json } => {
+            runtime().and_then(|rt| rt.block_on(commands::send(&addr, &json)))
+        }
+        Command::Listen { addr, count } => {
+            runtime().and_then(|rt| rt.block_on(commands::listen(&addr, count)))
+        }
+        Command::Upload {
+            addr,
+            resource,
+            file,
+            stored_name,
+            quiet,
+        } => runtime().and_then(|rt| {
+            rt.block_on(commands::upload(
+                &addr,
+                &resource,
+                &file,
+                stored_name,
+                quiet,
+            ))
+        }),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        let refused = e
+            .downcast_ref::<slic::Error>()
+            .is_some_and(|e| matches!(e, slic::Error::Status(_)));
+        std::process::exit(if refused { 2 } else { 1 });
     }
 }
 

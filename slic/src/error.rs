@@ -12,7 +12,7 @@ use crate::resource::Status;
 #[non_exhaustive]
 pub enum Error {
     /// An I/O error from the operating system (bind, connect, read, write).
-    #[error("i/o error: {0}")]
+    #[error(transparent)]
     Io(#[from] io::Error),
     /// The connection ended, or the handshake failed, for this protocol reason.
     #[error(transparent)]
@@ -59,7 +59,7 @@ pub enum Error {
     #[error("node is shut down")]
     Shutdown,
     /// A request was refused or failed; the status says why.
-    #[error("{0}")]
+    #[error(transparent)]
     Status(#[from] Status),
     /// A resource of that name already exists on this node.
     #[error("resource {0} already exists")]

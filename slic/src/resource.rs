@@ -77,7 +77,7 @@ impl Status {
         }
     }
 
-    fn detail(&self) -> &str {
+    pub(crate) fn detail(&self) -> &str {
         match self {
             Self::BadRequest(d)
             | Self::NotFound(d)
@@ -88,7 +88,7 @@ impl Status {
         }
     }
 
-    fn from_wire(code: u16, extra: u32, detail: String) -> Self {
+    pub(crate) fn from_wire(code: u16, extra: u32, detail: String) -> Self {
         match code {
             1 => Self::BadRequest(detail),
             2 => Self::NotFound(detail),

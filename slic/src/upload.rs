@@ -150,16 +150,11 @@ enum Done {
 }
 
 fn status_parts(s: &Status) -> (u16, String) {
-    (s.code(), s.to_string())
+    (s.code(), s.detail().to_owned())
 }
 
 fn status_from(code: u16, detail: String) -> Status {
-    match code {
-        1 => Status::BadRequest(detail),
-        2 => Status::NotFound(detail),
-        5 => Status::Unavailable(detail),
-        _ => Status::Internal(detail),
-    }
+    Status::from_wire(code, 0, detail)
 }
 
 /// Where an upload resource stores its files.

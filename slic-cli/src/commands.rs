@@ -1,0 +1,207 @@
+//! The network subcommands: serve, call, send, listen, upload.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::Value;
+use slic::{Codec, CodecId, Event, Node, Request, Status, Target, UploadOptions, UploadRequest};
+
+/// Builds a client node that speaks JSON, connected to `addr`.
+async fn client(addr: &str, timeout: Duration) -> Result<Node> {
+    let node = Node::builder()
+        .name("slic-cli")
+        .codec(Codec::Json)
+        .request_timeout(timeout)
+        .connect_timeout(Duration::from_secs(10))
+        .build()?;
+    node.connect(addr)
+        .await
+        .with_context(|| format!("cannot connect to {addr}"))?;
+    Ok(node)
+}
+
+fn parse_json(json: &str) -> Result<Value> {
+    serde_json::from_str(json).with_context(|| format!("payload is not valid JSON: {json}"))
+}
+
+pub(crate) async fn serve(
+    listen: &str,
+    upload_dir: Option<PathBuf>,
+    max_upload: u64,
+    name: &str,
+) -> Result<()> {
+    let node = Node::builder().name(name).codec(Codec::Json).build()?;
+    node.create_resource(":echo", |req: Request<Value>| async move {
+        Ok::<_, Status>(req.body)
+    })?;
+    node.create_resource(":time", |_: Request<Value>| async move {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_err(|e| Status::Internal(e.to_string()))?;
+        Ok::<_, Status>(serde_json::json!({ "unix_ms": now.as_millis() as u64 }))
+    })?;
+    if let Some(dir) = &upload_dir {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        node.create_upload_resource_with(
+            ":upload",
+            dir,
+            UploadOptions::default().max_size(max_upload),
+        )?;
+    }
+    let addr = node
+        .listen(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    println!("listening on {addr}");
+    if let Some(dir) = &upload_dir {
+        println!("uploads to :upload are stored in {}", dir.display());
+    }
+    let mut events = node.events();
+    let printer = {
+        let node = node.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    msg = node.receive() => match msg {
+                        Ok(m) => println!("{}", describe(&m)),
+                        Err(_) => return,
+                    },
+                    ev = events.recv() => match ev {
+                        Some(Event::PeerConnected(p)) => println!("peer '{}' connected from {}", p.name, p.addr),
+                        Some(Event::PeerDisconnected { peer, .. }) => println!("peer '{}' disconnected", peer.name),
+                        Some(_) => {}
+                        None => return,
+                    },
+                }
+            }
+        }
+    };
+    tokio::select! {
+        () = printer => {}
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+pub(crate) async fn call(addr: &str, resource: &str, json: &str, timeout: f64) -> Result<()> {
+    if !(timeout > 0.0 && timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    let payload = parse_json(json)?;
+    let node = client(addr, Duration::from_secs_f64(timeout)).await?;
+    let result = node.get_resource::<Value, Value>(resource, &payload).await;
+    node.disconnect(Target::All, Duration::from_secs(1))
+        .await
+        .ok();
+    node.shutdown().await;
+    let reply = result.with_context(|| format!("{resource} failed"))?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    eprintln!("status: OK");
+    Ok(())
+}
+
+pub(crate) async fn send(addr: &str, json: &str) -> Result<()> {
+    let payload = parse_json(json)?;
+    let node = client(addr, Duration::from_secs(10)).await?;
+    let id = node.send(Target::All, &payload).await?;
+    node.disconnect(Target::All, Duration::from_secs(5)).await?;
+    node.shutdown().await;
+    eprintln!("sent message {}", id.0);
+    Ok(())
+}
+
+pub(crate) async fn listen(addr: &str, count: Option<u64>) -> Result<()> {
+    let node = Node::builder()
+        .name("slic-listen")
+        .codec(Codec::Json)
+        .build()?;
+    let bound = node
+        .listen(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    println!("listening on {bound}");
+    let mut seen = 0u64;
+    loop {
+        if count.is_some_and(|c| seen >= c) {
+            break;
+        }
+        tokio::select! {
+            msg = node.receive() => {
+                let m = msg?;
+                println!("{}", describe(&m));
+                seen += 1;
+            }
+            r = tokio::signal::ctrl_c() => { r.context("waiting for Ctrl-C")?; break; }
+        }
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// One line for a received message: who, which channel, and the body as JSON when possible.
+fn describe(m: &slic::Message) -> String {
+    let body = match m.codec {
+        CodecId::Json | CodecId::MessagePack => match m.decode::<Value>() {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("<undecodable: {e}>"),
+        },
+        CodecId::Raw => format!(
+            "<{} raw bytes> {:?}",
+            m.body.len(),
+            String::from_utf8_lossy(&m.body)
+        ),
+        other => format!("<{} bytes of {other:?}>", m.body.len()),
+    };
+    format!(
+        "from '{}' ({}) channel {}: {body}",
+        m.from.name, m.from.addr, m.channel
+    )
+}
+
+pub(crate) async fn upload(
+    addr: &str,
+    resource: &str,
+    file: &Path,
+    stored_name: Option<String>,
+    quiet: bool,
+) -> Result<()> {
+    let size = std::fs::metadata(file)
+        .with_context(|| format!("cannot read {}", file.display()))?
+        .len();
+    let node = client(addr, Duration::from_secs(30)).await?;
+    let peer = node
+        .peers()
+        .first()
+        .map(|p| p.id)
+        .context("not connected")?;
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(size)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .context("progress template")?,
+    );
+    let mut req = UploadRequest::default();
+    if let Some(name) = stored_name {
+        req = req.stored_name(name);
+    }
+    let progress_bar = bar.clone();
+    req = req.progress(move |sent, _| progress_bar.set_position(sent));
+    let result = node.upload_resource_to(peer, resource, file, req).await;
+    bar.finish_and_clear();
+    node.disconnect(Target::All, Duration::from_secs(1))
+        .await
+        .ok();
+    node.shutdown().await;
+    let stored = result.with_context(|| format!("upload of {} failed", file.display()))?;
+    println!(
+        "stored {} ({} bytes, blake3 {})",
+        stored.name, stored.size, stored.digest
+    );
+    Ok(())
+}
