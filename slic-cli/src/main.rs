@@ -1,14 +1,13 @@
 //! `slic`: the command-line tool of the slic messaging library.
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use slic::{Event, Node, Target};
 
+mod bench;
 mod commands;
 
 /// slic: low-latency messages between processes and machines.
@@ -103,8 +102,10 @@ enum Command {
         #[arg(long)]
         quiet: bool,
     },
-    /// Measures a 64-byte ping-pong over loopback with slic and with raw blocking TCP (4-byte
-    /// length prefix) in the same run, and prints p50/p99 and their ratio.
+    /// Measures, in one run on loopback: a 64-byte ping-pong with slic and with raw blocking
+    /// TCP (4-byte length prefix), p50/p99 and their ratio; slic requests/s with 1 and 64
+    /// requests in flight on one connection; and an upload's MB/s next to a raw TCP copy of
+    /// the same file (both written to disk and fsynced).
     ///
     /// Example: slic bench --rounds 20000 --size 64
     Bench {
@@ -114,6 +115,12 @@ enum Command {
         /// Message size in bytes.
         #[arg(long, default_value_t = 64)]
         size: usize,
+        /// Requests for the request/response figures (0 skips them).
+        #[arg(long, default_value_t = 20_000)]
+        requests: usize,
+        /// Size of the upload figure's file in MiB (0 skips it).
+        #[arg(long, default_value_t = 200)]
+        upload_mib: u64,
     },
 }
 
@@ -128,7 +135,12 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo => runtime().and_then(|rt| rt.block_on(demo())),
-        Command::Bench { rounds, size } => bench(rounds, size),
+        Command::Bench {
+            rounds,
+            size,
+            requests,
+            upload_mib,
+        } => bench::run(rounds, size, requests, upload_mib),
         Command::Serve {
             listen,
             upload_dir,
@@ -173,7 +185,7 @@ fn main() {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -184,7 +196,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Bounds every step of the demo so a bug shows as an error, not a hang.
 const STEP: Duration = Duration::from_secs(5);
 
-async fn step<T>(what: &str, f: impl Future<Output = Result<T, slic::Error>>) -> Result<T> {
+pub(crate) async fn step<T>(
+    what: &str,
+    f: impl Future<Output = Result<T, slic::Error>>,
+) -> Result<T> {
     tokio::time::timeout(STEP, f)
         .await
         .with_context(|| format!("{what}: timed out"))?
@@ -276,107 +291,6 @@ async fn demo() -> Result<()> {
     Ok(())
 }
 
-fn micros(d: Duration) -> f64 {
+pub(crate) fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-struct Figures {
-    p50: Duration,
-    p99: Duration,
-}
-
-fn figures(mut v: Vec<Duration>) -> Figures {
-    v.sort_unstable();
-    Figures {
-        p50: v[v.len() / 2],
-        p99: v[v.len() * 99 / 100],
-    }
-}
-
-fn bench(rounds: usize, size: usize) -> Result<()> {
-    if rounds == 0 || size == 0 {
-        bail!("--rounds and --size must be positive");
-    }
-    let raw = raw_tcp_pingpong(rounds, size)?;
-    let rt = runtime()?;
-    let slic = rt.block_on(slic_pingpong(rounds, size))?;
-    println!("| system | size | rounds | p50 µs | p99 µs | p50 ratio | p99 ratio |");
-    println!("|---|---|---|---|---|---|---|");
-    for (name, f) in [("raw blocking TCP", &raw), ("slic (tokio, TCP)", &slic)] {
-        println!(
-            "| {name} | {size} B | {rounds} | {:.1} | {:.1} | {:.2}x | {:.2}x |",
-            micros(f.p50),
-            micros(f.p99),
-            f.p50.as_secs_f64() / raw.p50.as_secs_f64(),
-            f.p99.as_secs_f64() / raw.p99.as_secs_f64()
-        );
-    }
-    Ok(())
-}
-
-/// The practical limit: blocking std sockets, a 4-byte length prefix, an echo thread.
-fn raw_tcp_pingpong(rounds: usize, size: usize) -> Result<Figures> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let total = rounds + rounds / 10;
-    let server = std::thread::spawn(move || -> std::io::Result<()> {
-        let (mut s, _) = listener.accept()?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; 4 + size];
-        for _ in 0..total {
-            s.read_exact(&mut buf)?;
-            s.write_all(&buf)?;
-        }
-        Ok(())
-    });
-    let mut c = TcpStream::connect(addr)?;
-    c.set_nodelay(true)?;
-    let mut msg = vec![1u8; 4 + size];
-    msg[..4].copy_from_slice(&(size as u32).to_be_bytes());
-    let mut back = vec![0u8; 4 + size];
-    let mut rtts = Vec::with_capacity(rounds);
-    for i in 0..total {
-        let t = Instant::now();
-        c.write_all(&msg)?;
-        c.read_exact(&mut back)?;
-        if i >= rounds / 10 {
-            rtts.push(t.elapsed());
-        }
-    }
-    server
-        .join()
-        .map_err(|_| anyhow::anyhow!("echo thread panicked"))??;
-    Ok(figures(rtts))
-}
-
-async fn slic_pingpong(rounds: usize, size: usize) -> Result<Figures> {
-    let server = Node::builder().name("bench-server").build()?;
-    let addr = server.listen("127.0.0.1:0").await?;
-    let client = Node::builder().name("bench-client").build()?;
-    client.connect(addr).await?;
-    let total = rounds + rounds / 10;
-    let echo = {
-        let server = server.clone();
-        tokio::spawn(async move {
-            for _ in 0..total {
-                let m = server.receive().await?;
-                server.send_bytes(Target::Peer(m.from.id), m.body).await?;
-            }
-            Ok::<_, slic::Error>(())
-        })
-    };
-    let payload = slic::Bytes::from(vec![1u8; size]);
-    let mut rtts = Vec::with_capacity(rounds);
-    for i in 0..total {
-        let t = Instant::now();
-        client.send_bytes(Target::All, payload.clone()).await?;
-        step("echo", client.receive()).await?;
-        if i >= rounds / 10 {
-            rtts.push(t.elapsed());
-        }
-    }
-    echo.await??;
-    client.shutdown().await;
-    server.shutdown().await;
-    Ok(figures(rtts))
 }
