@@ -47,6 +47,11 @@
 //! `bytes::Bytes`, shared rather than copied, from serialization to the socket.
 
 pub mod blocking;
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[doc = include_str!("../../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
 mod channel;
 mod codec;
 mod driver;
