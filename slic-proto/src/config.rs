@@ -29,6 +29,7 @@ pub struct Config {
     pub(crate) max_reassembly: usize,
     pub(crate) heartbeat: Duration,
     pub(crate) handshake_timeout: Duration,
+    pub(crate) control_budget: (u32, u32),
 }
 
 impl Default for Config {
@@ -44,6 +45,7 @@ impl Default for Config {
             max_reassembly: 64 << 20,
             heartbeat: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            control_budget: (2_000, 1_000),
         }
     }
 }
@@ -168,6 +170,20 @@ impl Config {
         }
         self.heartbeat = v;
         Ok(self)
+    }
+
+    /// Budget for cheap control frames from the peer (PING, PONG, CHANNEL_OPEN,
+    /// CHANNEL_CLOSE, CANCEL): a token bucket of `burst` frames refilled at `per_second`.
+    /// Default 2,000 and 1,000/s. A peer that exceeds it is sent GOAWAY with
+    /// ENHANCE_YOUR_CALM and disconnected.
+    ///
+    /// # DoS mitigation
+    ///
+    /// Each of these frames costs the peer 20 bytes and this side real work (a PONG, a
+    /// channel's state, a task to abort); without a budget a peer could keep a core busy.
+    pub fn control_budget(&mut self, burst: u32, per_second: u32) -> &mut Self {
+        self.control_budget = (burst, per_second);
+        self
     }
 
     /// Deadline for the handshake, counted from the connection's creation. Default 10 s.

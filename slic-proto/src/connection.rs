@@ -13,6 +13,7 @@ use crate::frame::{
     CodecId, Decoder, Frame, FrameType, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, Header, flags,
 };
 use crate::handshake::{Hello, HelloError};
+use crate::limit::TokenBucket;
 
 /// Protocol version this implementation speaks.
 pub const PROTOCOL_VERSION: u8 = 1;
@@ -267,6 +268,7 @@ pub struct Connection {
     queued_bytes: usize,
     ping_seq: u64,
     ping_sent: Option<(u64, Instant)>,
+    control_budget: TokenBucket,
     rtt: Option<Duration>,
     stats: Stats,
 }
@@ -323,6 +325,7 @@ impl Connection {
             queued_bytes: 0,
             ping_seq: 0,
             ping_sent: None,
+            control_budget: TokenBucket::new(config.control_budget.0, config.control_budget.1, now),
             rtt: None,
             stats: Stats::default(),
             config,
@@ -633,6 +636,21 @@ impl Connection {
         let Frame { header, payload } = frame;
         if let State::Handshake = self.state {
             return self.handle_handshake(header, &payload);
+        }
+        if matches!(
+            header.ty,
+            FrameType::Ping
+                | FrameType::Pong
+                | FrameType::ChannelOpen
+                | FrameType::ChannelClose
+                | FrameType::Cancel
+        ) && !self.control_budget.try_take(now)
+        {
+            // Cheap for the peer, work for us: past the budget the peer is flooding.
+            return Err((
+                ErrorCode::EnhanceYourCalm,
+                format!("control frame budget exceeded ({:?})", header.ty),
+            ));
         }
         match header.ty {
             FrameType::Hello | FrameType::Welcome => {
@@ -1197,7 +1215,13 @@ impl Connection {
 
     fn violation(&mut self, code: ErrorCode, reason: String) -> ConnectionError {
         debug!(%code, %reason, "protocol violation by peer");
-        self.send_error(code, &reason);
+        if code == ErrorCode::EnhanceYourCalm {
+            // A flood is not a malformed stream: the peer gets a GOAWAY saying why.
+            self.control.clear();
+            self.push_control(FrameType::GoAway, 0, 0, close_payload(code, &reason));
+        } else {
+            self.send_error(code, &reason);
+        }
         let err = ConnectionError::ProtocolViolation { code, reason };
         self.terminate(err.clone());
         err

@@ -53,6 +53,7 @@ pub mod connection;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod limit;
 
 pub use config::{Config, ConfigError};
 pub use connection::{

@@ -2259,3 +2259,82 @@ fn channel_label_that_is_not_utf8_is_a_protocol_violation() {
     pair.drive();
     assert_eq!(sent_error_code(&pair.server), ErrorCode::ProtocolError);
 }
+
+// ----- control-frame budget ------------------------------------------------------------------
+
+#[test]
+fn ping_flood_past_the_budget_gets_goaway_enhance_your_calm() {
+    let mut server = config("s");
+    server.control_budget(100, 10);
+    let mut pair = Pair::connected(config("c"), server);
+    let flood = |range: std::ops::Range<u64>| {
+        range
+            .flat_map(|id| raw(FrameType::Ping, 0, 0, id, b""))
+            .collect::<Vec<u8>>()
+    };
+    pair.server.inbox.extend_from_slice(&flood(0..100));
+    pair.drive();
+    assert_eq!(
+        pair.server.sent_of(FrameType::Pong).len(),
+        100,
+        "within budget"
+    );
+    assert!(pair.server.conn.is_open());
+    pair.server.inbox.extend_from_slice(&flood(100..150));
+    pair.drive();
+    assert_eq!(
+        pair.server.sent_of(FrameType::Pong).len(),
+        100,
+        "no answer past it"
+    );
+    let goaways = pair.server.sent_of(FrameType::GoAway);
+    assert_eq!(goaways.len(), 1);
+    assert_eq!(code_of(goaways[0]), ErrorCode::EnhanceYourCalm);
+    assert_eq!(
+        violation_code(&pair.server.take_events()),
+        ErrorCode::EnhanceYourCalm
+    );
+}
+
+#[test]
+fn control_frames_within_the_refill_rate_never_trip_the_budget() {
+    let mut server = config("s");
+    server.control_budget(10, 100);
+    let mut pair = Pair::connected(config("c"), server);
+    // 500 pings, 5 every 100 ms: 50/s against a refill of 100/s.
+    for round in 0..100u64 {
+        for i in 0..5 {
+            let ping = raw(FrameType::Ping, 0, 0, round * 5 + i, b"");
+            pair.server.inbox.extend_from_slice(&ping);
+        }
+        pair.drive();
+        pair.now += Duration::from_millis(100);
+    }
+    assert_eq!(pair.server.sent_of(FrameType::Pong).len(), 500);
+    assert!(pair.server.conn.is_open());
+}
+
+#[test]
+fn channel_open_and_close_churn_counts_against_the_budget() {
+    let mut server = config("s");
+    server.control_budget(50, 1);
+    let mut pair = Pair::connected(config("c"), server);
+    let mut closed = false;
+    for _ in 0..100 {
+        let Ok(id) = pair.client.conn.open_channel() else {
+            closed = true;
+            break;
+        };
+        pair.client.conn.close_channel(id);
+        pair.drive();
+        if !pair.server.conn.is_open() {
+            closed = true;
+            break;
+        }
+    }
+    assert!(closed, "churn past the budget must end the connection");
+    assert_eq!(
+        violation_code(&pair.server.take_events()),
+        ErrorCode::EnhanceYourCalm
+    );
+}
