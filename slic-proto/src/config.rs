@@ -172,6 +172,11 @@ impl Config {
         Ok(self)
     }
 
+    /// The handshake deadline, for drivers that run a transport handshake (TLS) within it.
+    pub fn handshake_deadline(&self) -> Duration {
+        self.handshake_timeout
+    }
+
     /// Budget for cheap control frames from the peer (PING, PONG, CHANNEL_OPEN,
     /// CHANNEL_CLOSE, CANCEL): a token bucket of `burst` frames refilled at `per_second`.
     /// Default 2,000 and 1,000/s. A peer that exceeds it is sent GOAWAY with

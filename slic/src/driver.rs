@@ -7,17 +7,18 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use slic_proto::{
     CodecId, Connection, ConnectionError, ErrorCode, Event as ProtoEvent, HEADER_LEN, Initiator,
-    Kind, Side, Transmit,
+    Kind, SendError, Side, Transmit,
 };
-use tokio::io::{AsyncWriteExt, Interest};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
@@ -38,8 +39,8 @@ const OUT_HIGH_WATER: usize = 256 << 10;
 const COPY_THRESHOLD: usize = 1024;
 /// Most segments passed to one `writev` (Linux allows 1024).
 const MAX_IOVECS: usize = 64;
-/// Bytes read from the socket per wake-up before the task yields to its other work.
-const READ_BUDGET: usize = 1 << 20;
+/// Room made in the read buffer before a read.
+const READ_CHUNK: usize = 64 << 10;
 /// Commands drained per wake-up.
 const COMMAND_BUDGET: usize = 256;
 /// How long a closing connection may spend writing its last frames (GOAWAY or ERROR).
@@ -257,15 +258,24 @@ impl PeerLink {
     }
 }
 
-/// Starts the task for a freshly connected or accepted stream. `ready` hears once the
-/// handshake is done (or failed).
-pub(crate) fn spawn(
+/// The byte streams a connection can run over (TCP, TLS, ...).
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
+
+/// Starts the task for a new connection. `establish` yields the byte stream (a TLS handshake
+/// may run in it); it and the slic handshake share one deadline, counted from now. `ready`
+/// hears once the handshake is done (or failed).
+pub(crate) fn spawn<S, F>(
     node: Arc<NodeInner>,
-    stream: TcpStream,
+    establish: F,
     addr: SocketAddr,
     side: Side,
     ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
-) {
+) where
+    S: Transport,
+    F: Future<Output = io::Result<S>> + Send + 'static,
+{
     let id = node.next_peer_id();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
     let buffer_cap = node.settings.buffer_cap;
@@ -285,32 +295,74 @@ pub(crate) fn spawn(
         pending: Arc::default(),
         next_request: Arc::new(AtomicU64::new(1)),
     });
-    let now = TokioInstant::now().into_std();
-    let conn = Connection::new(node.proto.clone(), side, now);
-    let driver = Driver {
-        conn,
-        stream,
-        cmd_rx,
-        link,
-        node: node.clone(),
-        rbuf: BytesMut::with_capacity(8 << 10),
-        out: OutBuf::default(),
-        held: 0,
-        sinks: HashMap::new(),
-        credits: HashMap::new(),
-        ready,
-        closed: None,
-        connected: false,
-        close_requested: false,
-        serving: HashMap::new(),
-    };
+    let started = TokioInstant::now();
+    let deadline = started + node.proto.handshake_deadline();
     let span = debug_span!("conn", id = id.0, %addr, ?side);
-    node.tracker.spawn(driver.run().instrument(span));
+    let task_node = node.clone();
+    let task = async move {
+        let node = task_node;
+        let stream = tokio::select! {
+            r = tokio::time::timeout_at(deadline, establish) => match r {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return fail_early(&node, &link, ready, Error::Io(e)),
+                Err(_) => {
+                    let e = Error::Connection(ConnectionError::HandshakeTimeout);
+                    return fail_early(&node, &link, ready, e);
+                }
+            },
+            () = link.kill.cancelled() => return fail_early(&node, &link, ready, Error::Shutdown),
+        };
+        let conn = Connection::new(node.proto.clone(), side, started.into_std());
+        let driver = Driver {
+            conn,
+            stream,
+            cmd_rx,
+            link,
+            node,
+            rbuf: BytesMut::with_capacity(8 << 10),
+            out: OutBuf::default(),
+            need_flush: false,
+            eof: false,
+            held: 0,
+            sinks: HashMap::new(),
+            credits: HashMap::new(),
+            ready,
+            closed: None,
+            connected: false,
+            close_requested: false,
+            serving: HashMap::new(),
+        };
+        driver.run().await;
+    };
+    node.tracker.spawn(task.instrument(span));
 }
 
-struct Driver {
+/// Ends a connection that failed before its byte stream existed (TCP or TLS trouble).
+fn fail_early(
+    node: &NodeInner,
+    link: &PeerLink,
+    ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
+    err: Error,
+) {
+    debug!(error = %err, "connection failed before the handshake");
+    node.emit(Event::HandshakeFailed {
+        addr: link.info.addr,
+        reason: err.to_string(),
+    });
+    if let Some(ready) = ready {
+        let _ = ready.send(Err(err));
+    }
+    link.sem.close();
+    link.done.cancel();
+}
+
+struct Driver<S> {
     conn: Connection,
-    stream: TcpStream,
+    stream: S,
+    /// Written bytes may sit in the transport (TLS) until flushed.
+    need_flush: bool,
+    /// The peer closed its side; no more reads.
+    eof: bool,
     cmd_rx: mpsc::UnboundedReceiver<Command>,
     link: Arc<PeerLink>,
     node: Arc<NodeInner>,
@@ -328,7 +380,7 @@ struct Driver {
     serving: HashMap<u64, tokio::task::AbortHandle>,
 }
 
-impl Driver {
+impl<S: Transport> Driver<S> {
     async fn run(mut self) {
         let result = self.drive().await;
         let reason = match (result, self.closed.take()) {
@@ -376,7 +428,7 @@ impl Driver {
         let mut linger_deadline: Option<TokioInstant> = None;
         loop {
             self.dispatch_events();
-            self.flush()?;
+            self.fill_out();
             // poll_transmit can queue events too: the GOAWAY that ends a drain queues Closed,
             // and an answering CHANNEL_CLOSE completes a channel close. Forward them now, not
             // at the next wake-up, which may never come: a peer need not answer a GOAWAY, and
@@ -384,8 +436,8 @@ impl Driver {
             self.dispatch_events();
             self.return_permits();
             if self.closed.is_some() {
-                if self.out.is_empty() {
-                    let _ = self.stream.shutdown().await;
+                if self.out.is_empty() && !self.need_flush {
+                    let _ = tokio::time::timeout(LINGER, self.stream.shutdown()).await;
                     return Ok(());
                 }
                 linger_deadline.get_or_insert_with(|| TokioInstant::now() + LINGER);
@@ -399,11 +451,6 @@ impl Driver {
                 armed = deadline;
                 sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
             }
-            let interest = if self.out.is_empty() {
-                Interest::READABLE
-            } else {
-                Interest::READABLE | Interest::WRITABLE
-            };
             tokio::select! {
                 biased;
                 () = self.link.kill.cancelled(), if !killed => {
@@ -415,10 +462,22 @@ impl Driver {
                     self.conn.close(ErrorCode::NoError, "shutdown");
                     linger_deadline = Some(TokioInstant::now() + LINGER);
                 }
-                ready = self.stream.ready(interest) => {
-                    let ready = ready?;
-                    if ready.is_readable() || ready.is_read_closed() {
-                        self.read()?;
+                progress = std::future::poll_fn(|cx| poll_io(
+                    &mut self.stream,
+                    &mut self.rbuf,
+                    &mut self.out,
+                    &mut self.need_flush,
+                    self.eof,
+                    cx,
+                )) => {
+                    match progress? {
+                        Some(0) => {
+                            self.eof = true;
+                            self.feed();
+                            self.conn.handle_eof();
+                        }
+                        Some(_) => self.feed(),
+                        None => {}
                     }
                 }
                 cmd = self.cmd_rx.recv(), if self.closed.is_none() => {
@@ -438,35 +497,6 @@ impl Driver {
                     }
                     self.conn.handle_timeout(TokioInstant::now().into_std());
                 }
-            }
-        }
-    }
-
-    fn read(&mut self) -> io::Result<()> {
-        let mut budget = READ_BUDGET;
-        loop {
-            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-                self.rbuf.reserve(64 << 10);
-            }
-            match self.stream.try_read_buf(&mut self.rbuf) {
-                Ok(0) => {
-                    self.feed();
-                    self.conn.handle_eof();
-                    return Ok(());
-                }
-                Ok(n) => {
-                    self.feed();
-                    budget = budget.saturating_sub(n);
-                    if budget == 0 || self.closed.is_some() {
-                        return Ok(());
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if self.closed.is_some() => {
-                    debug!(error = %e, "read after close");
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
             }
         }
     }
@@ -640,8 +670,16 @@ impl Driver {
 
     fn respond(&mut self, id: u64, reply: &Reply) {
         let (codec, payload) = resource::encode_response(reply);
-        if let Err(e) = self.conn.send(Kind::Response, 0, id, codec, payload) {
-            debug!(error = %e, "response dropped");
+        match self.conn.send(Kind::Response, 0, id, codec, payload) {
+            Ok(()) => {}
+            // The caller must not wait for its timeout because the reply cannot travel: tell
+            // it why instead (a status has no body, so this one always fits).
+            Err(e @ (SendError::MessageTooLarge { .. } | SendError::CodecRefused(_))) => {
+                let status = Err(Status::Internal(format!("reply cannot be sent: {e}")));
+                let (codec, payload) = resource::encode_response(&status);
+                let _ = self.conn.send(Kind::Response, 0, id, codec, payload);
+            }
+            Err(e) => debug!(error = %e, "response dropped"),
         }
     }
 
@@ -717,30 +755,66 @@ impl Driver {
         }
     }
 
-    /// Moves ready frames out of the core and writes as much as the socket takes now.
-    fn flush(&mut self) -> io::Result<()> {
-        loop {
-            let now = TokioInstant::now().into_std();
-            while self.out.len() < OUT_HIGH_WATER {
-                match self.conn.poll_transmit(now) {
-                    Some(t) => self.out.push(t),
-                    None => break,
-                }
+    /// Moves ready frames out of the core into the write buffer, up to its high-water mark.
+    fn fill_out(&mut self) {
+        let now = TokioInstant::now().into_std();
+        while self.out.len() < OUT_HIGH_WATER {
+            match self.conn.poll_transmit(now) {
+                Some(t) => self.out.push(t),
+                None => break,
             }
-            if self.out.is_empty() {
-                return Ok(());
-            }
-            let written = {
-                let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
-                let n = self.out.slices(&mut slices);
-                match self.stream.try_write_vectored(&slices[..n]) {
-                    Ok(w) => w,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                    Err(e) => return Err(e),
-                }
-            };
-            self.out.advance(written);
         }
+    }
+}
+
+/// Writes what is buffered (vectored), flushes the transport once the buffer is empty, and
+/// reads what has arrived. Ready with `Some(n)` after a read of `n` bytes (0: end of stream),
+/// `None` after write progress only; pending while neither can move.
+fn poll_io<S: Transport>(
+    stream: &mut S,
+    rbuf: &mut BytesMut,
+    out: &mut OutBuf,
+    need_flush: &mut bool,
+    eof: bool,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<Option<usize>>> {
+    let mut wrote = false;
+    // Bounded: each round writes at least one byte of a finite buffer, or stops.
+    while !out.is_empty() {
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let n = out.slices(&mut slices);
+        match Pin::new(&mut *stream).poll_write_vectored(cx, &slices[..n]) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+            Poll::Ready(Ok(w)) => {
+                out.advance(w);
+                wrote = true;
+                *need_flush = true;
+            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => break,
+        }
+    }
+    if out.is_empty() && *need_flush {
+        match Pin::new(&mut *stream).poll_flush(cx) {
+            Poll::Ready(Ok(())) => *need_flush = false,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+    }
+    if !eof {
+        if rbuf.capacity() - rbuf.len() < 4096 {
+            rbuf.reserve(READ_CHUNK);
+        }
+        match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf) {
+            Poll::Ready(Ok(n)) => return Poll::Ready(Ok(Some(n))),
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => {}
+        }
+    }
+    if wrote {
+        Poll::Ready(Ok(None))
+    } else {
+        Poll::Pending
     }
 }
 

@@ -606,7 +606,13 @@ impl Node {
             stream.set_nodelay(true)?;
             let peer_addr = stream.peer_addr()?;
             let (tx, rx) = oneshot::channel();
-            driver::spawn(inner.clone(), stream, peer_addr, Side::Client, Some(tx));
+            driver::spawn(
+                inner.clone(),
+                std::future::ready(Ok(stream)),
+                peer_addr,
+                Side::Client,
+                Some(tx),
+            );
             rx.await.map_err(|_| Error::Shutdown)?
         };
         tokio::time::timeout(timeout, work)
@@ -1093,7 +1099,13 @@ async fn accept_loop(node: Arc<NodeInner>, listener: TcpListener) {
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "set_nodelay failed");
                     }
-                    driver::spawn(node.clone(), stream, addr, Side::Server, None);
+                    driver::spawn(
+                        node.clone(),
+                        std::future::ready(Ok(stream)),
+                        addr,
+                        Side::Server,
+                        None,
+                    );
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
