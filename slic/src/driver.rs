@@ -27,7 +27,8 @@ use tracing::{Instrument, debug, debug_span};
 use crate::channel::Channel;
 use crate::error::Error;
 use crate::node::{
-    ChannelId, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId, PeerInfo,
+    ChannelId, ConnectionSlot, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId,
+    PeerInfo,
 };
 use crate::resource::{self, Reply, Status};
 use crate::upload;
@@ -272,6 +273,7 @@ pub(crate) fn spawn<S, F>(
     addr: SocketAddr,
     side: Side,
     ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
+    slot: Option<ConnectionSlot>,
 ) where
     S: Transport,
     F: Future<Output = io::Result<S>> + Send + 'static,
@@ -300,6 +302,8 @@ pub(crate) fn spawn<S, F>(
     let span = debug_span!("conn", id = id.0, %addr, ?side);
     let task_node = node.clone();
     let task = async move {
+        // The connection holds its place in the node's connection counts until it ends.
+        let _slot = slot;
         let node = task_node;
         let stream = tokio::select! {
             r = tokio::time::timeout_at(deadline, establish) => match r {
@@ -331,6 +335,8 @@ pub(crate) fn spawn<S, F>(
             connected: false,
             close_requested: false,
             serving: HashMap::new(),
+            slow_since: None,
+            slow_cut: false,
         };
         driver.run().await;
     };
@@ -378,12 +384,17 @@ struct Driver<S> {
     close_requested: bool,
     /// Requests from the peer being served here, by request id.
     serving: HashMap<u64, tokio::task::AbortHandle>,
+    /// Since when the peer's send buffer has been full.
+    slow_since: Option<TokioInstant>,
+    /// The peer was cut off as a slow consumer.
+    slow_cut: bool,
 }
 
 impl<S: Transport> Driver<S> {
     async fn run(mut self) {
         let result = self.drive().await;
         let reason = match (result, self.closed.take()) {
+            _ if self.slow_cut => DisconnectReason::SlowConsumer,
             (Err(e), _) => DisconnectReason::Io(e.to_string()),
             (Ok(()), Some(e)) => DisconnectReason::from_connection_error(e),
             (Ok(()), None) => DisconnectReason::Local,
@@ -442,11 +453,20 @@ impl<S: Transport> Driver<S> {
                 }
                 linger_deadline.get_or_insert_with(|| TokioInstant::now() + LINGER);
             }
-            let deadline = match (self.conn.poll_timeout(), linger_deadline) {
-                (Some(t), Some(l)) => Some(TokioInstant::from_std(t).min(l)),
-                (Some(t), None) => Some(TokioInstant::from_std(t)),
-                (None, l) => l,
-            };
+            let slow_cut_at = self.slow_consumer_deadline();
+            if slow_cut_at.is_some_and(|t| TokioInstant::now() >= t) {
+                debug!("slow consumer: send buffer full too long, disconnecting");
+                self.slow_cut = true;
+                return Ok(());
+            }
+            let deadline = [
+                self.conn.poll_timeout().map(TokioInstant::from_std),
+                linger_deadline,
+                slow_cut_at,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
             if deadline != armed {
                 armed = deadline;
                 sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
@@ -753,6 +773,23 @@ impl<S: Transport> Driver<S> {
             self.held = queued;
             self.link.sem.add_permits(n);
         }
+    }
+
+    /// When the peer is to be cut off as a slow consumer: its send buffer has stayed (nearly)
+    /// full since `slow_since`. Tracks the start of the full spell as a side effect.
+    fn slow_consumer_deadline(&mut self) -> Option<TokioInstant> {
+        let limit = self.node.settings.slow_consumer_timeout?;
+        // "Full": 90% of buffer_cap waits to be sent. A sender needing the last few bytes
+        // is as stuck as one needing all of them.
+        let full = self.connected
+            && self.closed.is_none()
+            && self.held.saturating_mul(10) >= self.link.buffer_cap.saturating_mul(9);
+        if !full {
+            self.slow_since = None;
+            return None;
+        }
+        let since = *self.slow_since.get_or_insert_with(TokioInstant::now);
+        Some(since + limit)
     }
 
     /// Moves ready frames out of the core into the write buffer, up to its high-water mark.

@@ -118,6 +118,8 @@ pub enum DisconnectReason {
     Remote(ConnectionError),
     /// The peer broke the protocol or went silent.
     Protocol(ConnectionError),
+    /// The peer kept its send buffer full for longer than `slow_consumer_timeout`.
+    SlowConsumer,
     /// The socket failed.
     Io(String),
 }
@@ -185,6 +187,9 @@ pub(crate) struct Settings {
     pub(crate) max_channels: u32,
     pub(crate) request_timeout: Duration,
     pub(crate) max_requests_in_flight: usize,
+    pub(crate) max_connections: usize,
+    pub(crate) max_connections_per_ip: usize,
+    pub(crate) slow_consumer_timeout: Option<Duration>,
 }
 
 /// Builds a [`Node`]. Every setting has a default; see each setter.
@@ -224,6 +229,9 @@ impl Default for NodeBuilder {
                 max_channels: 256,
                 request_timeout: Duration::from_secs(30),
                 max_requests_in_flight: 1024,
+                max_connections: 10_000,
+                max_connections_per_ip: 256,
+                slow_consumer_timeout: Some(Duration::from_secs(30)),
             },
             proto,
             error: None,
@@ -347,6 +355,37 @@ impl NodeBuilder {
         self
     }
 
+    /// Most connections this node accepts at once, over all its listeners. Default 10,000;
+    /// connections past it are closed at accept.
+    ///
+    /// # DoS mitigation
+    ///
+    /// Each connection costs a task, buffers and a descriptor; this bounds them.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.settings.max_connections = n;
+        self
+    }
+
+    /// Most connections accepted at once from one IP address. Default 256; connections past
+    /// it are closed at accept, so one host cannot take every slot of `max_connections`.
+    pub fn max_connections_per_ip(mut self, n: usize) -> Self {
+        self.settings.max_connections_per_ip = n;
+        self
+    }
+
+    /// How long a peer may keep its send buffer (`buffer_cap`) full before it is
+    /// disconnected as a slow consumer. Default 30 s.
+    ///
+    /// # DoS mitigation
+    ///
+    /// A peer that stops reading would otherwise hold `buffer_cap` bytes and stall every
+    /// `send` to [`Target::All`] forever; with the cut-off, the other peers keep receiving.
+    /// `None` turns the cut-off off: then a reader that never reads blocks senders forever.
+    pub fn slow_consumer_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.settings.slow_consumer_timeout = timeout;
+        self
+    }
+
     /// Builds the node. No socket is opened until [`Node::listen`] or [`Node::connect`].
     ///
     /// # Errors
@@ -379,6 +418,7 @@ impl NodeBuilder {
             tracker: TaskTracker::new(),
             resources: Registry::default(),
             uploads: RwLock::new(HashMap::new()),
+            connections: Mutex::new(ConnectionCount::default()),
         });
         Ok(Node {
             owner: Arc::new(Owner { inner }),
@@ -404,6 +444,37 @@ pub(crate) struct NodeInner {
     pub(crate) tracker: TaskTracker,
     pub(crate) resources: Registry,
     uploads: RwLock<HashMap<String, Arc<UploadTarget>>>,
+    connections: Mutex<ConnectionCount>,
+}
+
+/// Accepted connections, in total and per IP address.
+#[derive(Debug, Default)]
+struct ConnectionCount {
+    total: usize,
+    per_ip: HashMap<std::net::IpAddr, usize>,
+}
+
+/// Holds one accepted connection's place in the counts; gives it back when dropped.
+pub(crate) struct ConnectionSlot {
+    node: Arc<NodeInner>,
+    ip: std::net::IpAddr,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut c = self
+            .node
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
 }
 
 impl fmt::Debug for NodeInner {
@@ -429,6 +500,26 @@ impl NodeInner {
 
     pub(crate) fn remove_peer(&self, id: PeerId) {
         self.peers_lock().remove(&id);
+    }
+
+    /// Takes a place for an accepted connection from `ip`, or `None` past the limits.
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr) -> Option<ConnectionSlot> {
+        let mut c = self
+            .connections
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let per_ip = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if c.total >= self.settings.max_connections
+            || per_ip >= self.settings.max_connections_per_ip
+        {
+            return None;
+        }
+        c.total += 1;
+        *c.per_ip.entry(ip).or_insert(0) += 1;
+        Some(ConnectionSlot {
+            node: self.clone(),
+            ip,
+        })
     }
 
     pub(crate) fn upload_target(&self, name: &str) -> Option<Arc<UploadTarget>> {
@@ -612,6 +703,7 @@ impl Node {
                 peer_addr,
                 Side::Client,
                 Some(tx),
+                None,
             );
             rx.await.map_err(|_| Error::Shutdown)?
         };
@@ -670,12 +762,35 @@ impl Node {
         payload: Bytes,
     ) -> Result<MessageId, Error> {
         let inner = self.inner();
+        let broadcast = matches!(target, Target::All);
         let links = inner.targets(&target)?;
         let id = inner.next_message_id();
+        // Queue for every peer that has room first, so one slow peer does not hold up the
+        // others; then wait for the full ones. A peer that leaves meanwhile is skipped by a
+        // broadcast and is an error for an explicit target.
+        let mut full = Vec::new();
+        let mut delivered = 0usize;
+        let mut gone = None;
         for link in links {
-            link.enqueue(0, id, codec, payload.clone()).await?;
+            match link.try_enqueue(0, id, codec, payload.clone()) {
+                Ok(()) => delivered += 1,
+                Err(Error::Full(_)) => full.push(link),
+                Err(Error::UnknownPeer(p)) => gone = Some(p),
+                Err(e) => return Err(e),
+            }
         }
-        Ok(id)
+        for link in full {
+            match link.enqueue(0, id, codec, payload.clone()).await {
+                Ok(()) => delivered += 1,
+                Err(Error::UnknownPeer(p)) => gone = Some(p),
+                Err(e) => return Err(e),
+            }
+        }
+        match gone {
+            Some(p) if !broadcast => Err(Error::UnknownPeer(p)),
+            Some(_) if delivered == 0 => Err(Error::NoPeers),
+            _ => Ok(id),
+        }
     }
 
     /// Like [`send`](Self::send) but never waits: fails with [`Error::Full`] when a peer's
@@ -1096,6 +1211,15 @@ async fn accept_loop(node: Arc<NodeInner>, listener: TcpListener) {
             () = node.shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, addr)) => {
+                    let Some(slot) = node.admit(addr.ip()) else {
+                        debug!(%addr, "connection limit reached: closing at accept");
+                        node.emit(Event::HandshakeFailed {
+                            addr,
+                            reason: "connection limit reached".into(),
+                        });
+                        drop(stream);
+                        continue;
+                    };
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "set_nodelay failed");
                     }
@@ -1105,6 +1229,7 @@ async fn accept_loop(node: Arc<NodeInner>, listener: TcpListener) {
                         addr,
                         Side::Server,
                         None,
+                        Some(slot),
                     );
                 }
                 Err(e) => {
