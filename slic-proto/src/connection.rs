@@ -585,6 +585,15 @@ impl Connection {
         }
     }
 
+    /// Ends the connection because the peer broke a rule only the driver can see (for
+    /// example a response to a request it never sent): queues ERROR with `code` and reports
+    /// [`Event::Closed`] with [`ConnectionError::ProtocolViolation`]. Does nothing once closed.
+    pub fn abort(&mut self, code: ErrorCode, reason: &str) {
+        if !self.is_closed() {
+            self.violation(code, reason.to_owned());
+        }
+    }
+
     /// The peer closed its byte stream. Anything after a GOAWAY or ERROR is already handled;
     /// otherwise the connection ends with [`ConnectionError::Eof`].
     pub fn handle_eof(&mut self) {

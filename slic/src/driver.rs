@@ -616,9 +616,20 @@ impl<S: Transport> Driver<S> {
                 ProtoEvent::Message(m) if m.kind == Kind::Response => {
                     self.conn.release(m.channel, m.credit);
                     let reply = resource::decode_response(m.payload).map(|b| (m.codec, b));
-                    // Unknown ids are answers to requests cancelled meanwhile.
-                    if let Some(tx) = lock(&self.link.pending).remove(&m.id) {
-                        let _ = tx.send(reply);
+                    let waiting = lock(&self.link.pending).remove(&m.id);
+                    match waiting {
+                        Some(tx) => {
+                            let _ = tx.send(reply);
+                        }
+                        // An id never handed out: the peer answers a request nobody sent.
+                        None if m.id >= self.link.next_request.load(Ordering::Relaxed) => {
+                            self.conn.abort(
+                                ErrorCode::ProtocolError,
+                                "response to a request never sent",
+                            );
+                        }
+                        // A known id no longer waited for: cancelled or timed out meanwhile.
+                        None => {}
                     }
                 }
                 ProtoEvent::Cancel { id } => {
