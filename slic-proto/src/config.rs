@@ -5,6 +5,27 @@ use std::time::Duration;
 use crate::frame::CodecId;
 use crate::handshake::{self, MAX_FRAME_SIZE, MAX_WINDOW, MIN_FRAME_SIZE, MIN_WINDOW};
 
+/// A compression algorithm that can be negotiated (PROTOCOL.md, "Compression").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Compression {
+    /// LZ4 block format with the uncompressed size prepended (lz4_flex): fast.
+    Lz4 = 1,
+    /// A Zstandard frame: smaller output, more CPU.
+    Zstd = 2,
+}
+
+impl Compression {
+    /// The algorithm for a wire id; `None` for unknown ids.
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Lz4),
+            2 => Some(Self::Zstd),
+            _ => None,
+        }
+    }
+}
+
 /// A setting was given a value outside its allowed range.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -30,6 +51,7 @@ pub struct Config {
     pub(crate) heartbeat: Duration,
     pub(crate) handshake_timeout: Duration,
     pub(crate) control_budget: (u32, u32),
+    pub(crate) compression: Vec<Compression>,
 }
 
 impl Default for Config {
@@ -46,6 +68,7 @@ impl Default for Config {
             heartbeat: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
             control_budget: (2_000, 1_000),
+            compression: Vec::new(),
         }
     }
 }
@@ -169,6 +192,21 @@ impl Config {
             return Err(ConfigError::OutOfBounds("heartbeat"));
         }
         self.heartbeat = v;
+        Ok(self)
+    }
+
+    /// Compression algorithms this side accepts, most preferred first. Default: none. A
+    /// client offers them in its HELLO; a server picks its most preferred one that the client
+    /// offered. Nodes with no algorithm in common do not compress.
+    ///
+    /// # Errors
+    ///
+    /// More than 8 algorithms.
+    pub fn compression(&mut self, algorithms: &[Compression]) -> Result<&mut Self, ConfigError> {
+        if algorithms.len() > handshake::MAX_COMPRESSION_OFFERS {
+            return Err(ConfigError::OutOfBounds("compression"));
+        }
+        self.compression = algorithms.to_vec();
         Ok(self)
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use tracing::debug;
 
-use crate::config::Config;
+use crate::config::{Compression, Config};
 use crate::error::{ConnectionError, ErrorCode, Initiator, OpenError, SendError};
 use crate::frame::{
     CodecId, Decoder, Frame, FrameType, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, Header, flags,
@@ -100,6 +100,9 @@ impl Kind {
 /// A complete message, request or response received from the peer.
 #[derive(Clone, Debug)]
 pub struct IncomingMessage {
+    /// The payload is compressed with the negotiated algorithm; the driver decompresses it,
+    /// bounded by the local maximum message size.
+    pub compressed: bool,
     /// What it is.
     pub kind: Kind,
     /// Channel it arrived on.
@@ -172,6 +175,7 @@ enum LocalHalf {
 
 #[derive(Debug)]
 struct Outgoing {
+    compressed: bool,
     kind: Kind,
     id: u64,
     codec: CodecId,
@@ -181,6 +185,7 @@ struct Outgoing {
 
 #[derive(Debug)]
 struct Reassembly {
+    compressed: bool,
     kind: Kind,
     id: u64,
     codec: CodecId,
@@ -270,6 +275,7 @@ pub struct Connection {
     ping_sent: Option<(u64, Instant)>,
     control_budget: TokenBucket,
     rtt: Option<Duration>,
+    compression: Option<Compression>,
     stats: Stats,
 }
 
@@ -327,6 +333,7 @@ impl Connection {
             ping_sent: None,
             control_budget: TokenBucket::new(config.control_budget.0, config.control_budget.1, now),
             rtt: None,
+            compression: None,
             stats: Stats::default(),
             config,
         };
@@ -368,6 +375,11 @@ impl Connection {
     /// The last measured round-trip time (from PING/PONG).
     pub fn rtt(&self) -> Option<Duration> {
         self.rtt
+    }
+
+    /// The compression algorithm agreed in the handshake, if any.
+    pub fn compression(&self) -> Option<Compression> {
+        self.compression
     }
 
     /// Traffic counters.
@@ -414,6 +426,29 @@ impl Connection {
         codec: CodecId,
         payload: Bytes,
     ) -> Result<(), SendError> {
+        self.send_compressed(kind, channel, id, codec, payload, false)
+    }
+
+    /// As [`send`](Self::send), for a payload the caller compressed with the negotiated
+    /// algorithm ([`compression`](Self::compression)) when `compressed` is true: every frame
+    /// of it carries the COMPRESSED flag.
+    ///
+    /// # Errors
+    ///
+    /// As [`send`](Self::send), and [`SendError::NotNegotiated`] for a compressed payload on
+    /// a connection that negotiated no compression.
+    pub fn send_compressed(
+        &mut self,
+        kind: Kind,
+        channel: u32,
+        id: u64,
+        codec: CodecId,
+        payload: Bytes,
+        compressed: bool,
+    ) -> Result<(), SendError> {
+        if compressed && self.compression.is_none() {
+            return Err(SendError::NotNegotiated);
+        }
         let peer = match (&self.state, &self.peer) {
             (State::Open, Some(peer)) => peer,
             (State::Handshake, _) => return Err(SendError::NotReady),
@@ -441,6 +476,7 @@ impl Connection {
             codec,
             payload,
             offset: 0,
+            compressed,
         });
         if !ch.in_ready && ch.send_credit as usize >= HEADER_LEN {
             ch.in_ready = true;
@@ -739,8 +775,36 @@ impl Connection {
                 ));
             }
         };
+        self.compression = match self.side {
+            // The server picks its most preferred algorithm among those the client offered.
+            Side::Server => self
+                .config
+                .compression
+                .iter()
+                .copied()
+                .find(|c| hello.compression.contains(&(*c as u8))),
+            // The client accepts nothing it did not offer, and at most one choice.
+            Side::Client => match hello.compression.as_slice() {
+                [] => None,
+                [id] => Some(
+                    Compression::from_u8(*id)
+                        .filter(|c| self.config.compression.contains(c))
+                        .ok_or((
+                            ErrorCode::HandshakeFailed,
+                            format!("server chose compression {id}, which was not offered"),
+                        ))?,
+                ),
+                _ => {
+                    return Err((
+                        ErrorCode::HandshakeFailed,
+                        "WELCOME names more than one compression".into(),
+                    ));
+                }
+            },
+        };
         if self.side == Side::Server {
-            let welcome = self.local_hello(version);
+            let mut welcome = self.local_hello(version);
+            welcome.compression = self.compression.map(|c| c as u8).into_iter().collect();
             self.push_control(FrameType::Welcome, 0, 0, welcome.encode());
         }
         let ours = self.config.heartbeat.as_millis();
@@ -800,10 +864,17 @@ impl Connection {
             return Ok(());
         }
         let more = header.flags & flags::MORE != 0;
+        let compressed = header.flags & flags::COMPRESSED != 0;
+        if compressed && self.compression.is_none() {
+            return Err((
+                ErrorCode::ProtocolError,
+                "COMPRESSED flag without negotiated compression".into(),
+            ));
+        }
         let kind = Kind::of(header.ty);
         let max_message = self.config.max_message_size as usize;
         let message = match ch.reassembly.take() {
-            None if !more => Some((header.id, header.codec, payload)),
+            None if !more => Some((header.id, header.codec, compressed, payload)),
             None => {
                 if payload.len() > max_message {
                     return Err((ErrorCode::MessageTooLarge, "message too large".into()));
@@ -811,6 +882,7 @@ impl Connection {
                 let mut buf = BytesMut::new();
                 buf.extend_from_slice(&payload);
                 ch.reassembly = Some(Reassembly {
+                    compressed,
                     kind,
                     id: header.id,
                     codec: header.codec,
@@ -819,7 +891,11 @@ impl Connection {
                 None
             }
             Some(mut r) => {
-                if r.id != header.id || r.codec != header.codec || r.kind != kind {
+                if r.id != header.id
+                    || r.codec != header.codec
+                    || r.kind != kind
+                    || r.compressed != compressed
+                {
                     return Err((
                         ErrorCode::ProtocolError,
                         "fragment type, id or codec differs from its message".into(),
@@ -834,14 +910,15 @@ impl Connection {
                     None
                 } else {
                     self.reassembly_bytes -= r.buf.len() - payload.len();
-                    Some((r.id, r.codec, r.buf.freeze()))
+                    Some((r.id, r.codec, r.compressed, r.buf.freeze()))
                 }
             }
         };
         match message {
-            Some((id, codec, payload)) => {
+            Some((id, codec, compressed, payload)) => {
                 self.stats.messages_received += 1;
                 self.events.push_back(Event::Message(IncomingMessage {
+                    compressed,
                     kind,
                     channel,
                     id,
@@ -1122,7 +1199,8 @@ impl Connection {
                 let more = msg.offset < msg.payload.len();
                 let header = Header {
                     ty: msg.kind.frame_type(),
-                    flags: if more { flags::MORE } else { 0 },
+                    flags: if more { flags::MORE } else { 0 }
+                        | if msg.compressed { flags::COMPRESSED } else { 0 },
                     codec: msg.codec,
                     channel: id,
                     id: msg.id,
@@ -1177,7 +1255,7 @@ impl Connection {
             connection_window: c.connection_window,
             max_channels: c.max_channels,
             heartbeat_ms: u32::try_from(c.heartbeat.as_millis()).unwrap_or(u32::MAX),
-            compression: Vec::new(),
+            compression: c.compression.iter().map(|c| *c as u8).collect(),
             name: c.name.clone(),
         }
     }

@@ -249,6 +249,9 @@ pub enum SendError {
     /// The peer cannot decode this codec.
     #[error("peer does not accept codec {0:?}")]
     CodecRefused(crate::frame::CodecId),
+    /// A compressed payload on a connection without negotiated compression.
+    #[error("no compression was negotiated")]
+    NotNegotiated,
 }
 
 /// Why a channel could not be opened.

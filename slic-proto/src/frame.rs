@@ -76,7 +76,7 @@ impl FrameType {
     /// Flag bits that v1 defines for this type; any other bit set is a protocol error.
     pub fn allowed_flags(self) -> u8 {
         match self {
-            Self::Message | Self::Request | Self::Response => flags::MORE,
+            Self::Message | Self::Request | Self::Response => flags::MORE | flags::COMPRESSED,
             Self::WindowUpdate => flags::CONNECTION,
             _ => 0,
         }
@@ -100,7 +100,8 @@ pub mod flags {
     pub const MORE: u8 = 0b0000_0001;
     /// MESSAGE: reserved for acknowledgements (must be 0 in v1).
     pub const ACK_REQUESTED: u8 = 0b0000_0010;
-    /// MESSAGE: reserved for compression (must be 0 in v1).
+    /// MESSAGE, REQUEST, RESPONSE: the payload is compressed with the negotiated algorithm
+    /// (only allowed when the handshake agreed on one).
     pub const COMPRESSED: u8 = 0b0000_0100;
     /// WINDOW_UPDATE: the increment is for the connection window.
     pub const CONNECTION: u8 = 0b0000_0001;
@@ -406,7 +407,7 @@ mod tests {
             Err(DecodeError::UnexpectedChannel { .. })
         ));
         let mut raw = message(1, 1, false, b"").header.encode();
-        raw[2] = flags::COMPRESSED;
+        raw[2] = flags::ACK_REQUESTED;
         assert!(matches!(
             Header::decode(&raw, 1024),
             Err(DecodeError::ReservedFlags { .. })

@@ -55,7 +55,7 @@ pub mod frame;
 pub mod handshake;
 pub mod limit;
 
-pub use config::{Config, ConfigError};
+pub use config::{Compression, Config, ConfigError};
 pub use connection::{
     Connection, Event, IncomingMessage, Kind, MAX_LABEL_LEN, PROTOCOL_VERSION, Side, Stats,
     Transmit,

@@ -15,8 +15,9 @@ use proptest::sample::Index;
 use proptest::test_runner::TestCaseError;
 use slic_proto::frame::flags;
 use slic_proto::{
-    CodecId, Config, Connection, ConnectionError, Decoder, ErrorCode, Event, Frame, FrameType,
-    HEADER_LEN, Header, Hello, IncomingMessage, Initiator, Kind, OpenError, SendError, Side,
+    CodecId, Compression, Config, Connection, ConnectionError, Decoder, ErrorCode, Event, Frame,
+    FrameType, HEADER_LEN, Header, Hello, IncomingMessage, Initiator, Kind, OpenError, SendError,
+    Side,
 };
 
 // ----- harness -------------------------------------------------------------------------------
@@ -2336,5 +2337,102 @@ fn channel_open_and_close_churn_counts_against_the_budget() {
     assert_eq!(
         violation_code(&pair.server.take_events()),
         ErrorCode::EnhanceYourCalm
+    );
+}
+
+// ----- compression negotiation ---------------------------------------------------------------
+
+fn with_compression(name: &str, algs: &[Compression]) -> Config {
+    let mut c = config(name);
+    c.compression(algs).unwrap();
+    c
+}
+
+#[test]
+fn server_picks_its_most_preferred_algorithm_the_client_offered() {
+    let pair = Pair::connected(
+        with_compression("c", &[Compression::Lz4, Compression::Zstd]),
+        with_compression("s", &[Compression::Zstd, Compression::Lz4]),
+    );
+    assert_eq!(pair.client.conn.compression(), Some(Compression::Zstd));
+    assert_eq!(pair.server.conn.compression(), Some(Compression::Zstd));
+}
+
+#[test]
+fn nodes_with_no_algorithm_in_common_fall_back_to_none() {
+    for (c, s) in [
+        (vec![Compression::Lz4], vec![Compression::Zstd]),
+        (vec![], vec![Compression::Lz4]),
+        (vec![Compression::Lz4], vec![]),
+    ] {
+        let pair = Pair::connected(with_compression("c", &c), with_compression("s", &s));
+        assert_eq!(pair.client.conn.compression(), None);
+        assert_eq!(pair.server.conn.compression(), None);
+        let mut pair = pair;
+        assert_eq!(
+            pair.client.conn.send_compressed(
+                Kind::Message,
+                0,
+                1,
+                CodecId::Raw,
+                Bytes::from_static(b"x"),
+                true
+            ),
+            Err(SendError::NotNegotiated)
+        );
+        pair.drive();
+    }
+}
+
+#[test]
+fn compressed_flag_travels_on_every_fragment_and_is_reported() {
+    let mut small = with_compression("s", &[Compression::Lz4]);
+    small.max_frame_size(1024).unwrap();
+    let mut pair = Pair::connected(with_compression("c", &[Compression::Lz4]), small);
+    let body = pattern(9, 5000);
+    pair.client
+        .conn
+        .send_compressed(Kind::Message, 0, 9, CodecId::Raw, body.clone(), true)
+        .unwrap();
+    pair.drive();
+    let frames = pair.client.sent_of(FrameType::Message);
+    assert!(frames.len() > 1);
+    assert!(
+        frames
+            .iter()
+            .all(|f| f.header.flags & flags::COMPRESSED != 0)
+    );
+    let events = pair.server.take_events();
+    let got = messages(&events);
+    assert!(got[0].compressed);
+    assert_eq!(got[0].payload, body);
+}
+
+#[test]
+fn compressed_flag_without_negotiation_is_a_protocol_violation() {
+    let mut pair = Pair::connected(config("c"), config("s"));
+    pair.server
+        .inbox
+        .extend_from_slice(&raw(FrameType::Message, flags::COMPRESSED, 0, 1, b"zz"));
+    pair.drive();
+    assert_eq!(sent_error_code(&pair.server), ErrorCode::ProtocolError);
+}
+
+#[test]
+fn client_refuses_a_welcome_choosing_an_algorithm_it_did_not_offer() {
+    let mut client = Peer::new(
+        with_compression("c", &[Compression::Lz4]),
+        Side::Client,
+        Instant::now(),
+    );
+    let mut welcome = hello("s");
+    welcome.compression = vec![2];
+    client
+        .inbox
+        .extend_from_slice(&raw(FrameType::Welcome, 0, 0, 0, &welcome.encode()));
+    client.receive(Instant::now());
+    assert_eq!(
+        violation_code(&client.take_events()),
+        ErrorCode::HandshakeFailed
     );
 }
