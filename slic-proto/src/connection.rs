@@ -789,10 +789,12 @@ impl Connection {
                 [id] => Some(
                     Compression::from_u8(*id)
                         .filter(|c| self.config.compression.contains(c))
-                        .ok_or((
-                            ErrorCode::HandshakeFailed,
-                            format!("server chose compression {id}, which was not offered"),
-                        ))?,
+                        .ok_or_else(|| {
+                            (
+                                ErrorCode::HandshakeFailed,
+                                format!("server chose compression {id}, which was not offered"),
+                            )
+                        })?,
                 ),
                 _ => {
                     return Err((
