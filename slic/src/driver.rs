@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use slic_proto::{
-    CodecId, Connection, ConnectionError, ErrorCode, Event as ProtoEvent, HEADER_LEN, Initiator,
-    Kind, SendError, Side, Transmit,
+    CodecId, Compression, Connection, ConnectionError, ErrorCode, Event as ProtoEvent, HEADER_LEN,
+    Initiator, Kind, SendError, Side, Transmit,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::channel::Channel;
+use crate::compress;
 use crate::error::Error;
 use crate::node::{
     ChannelId, ConnectionSlot, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId,
@@ -49,6 +50,7 @@ const LINGER: Duration = Duration::from_secs(2);
 
 pub(crate) enum Command {
     Send {
+        compressed: bool,
         kind: Kind,
         channel: u32,
         id: u64,
@@ -111,6 +113,9 @@ pub(crate) struct PeerLink {
     buffer_cap: usize,
     pub(crate) codecs: AtomicU32,
     pub(crate) max_message: AtomicU32,
+    /// Negotiated compression, and the payload size from which it applies.
+    compression: Option<Compression>,
+    compression_threshold: usize,
     pub(crate) done: CancellationToken,
     pub(crate) kill: CancellationToken,
     /// Requests this side sent and awaits, by request id.
@@ -191,6 +196,7 @@ impl PeerLink {
         payload: Bytes,
     ) -> Result<(), Error> {
         self.check(codec, payload.len())?;
+        let (payload, compressed) = self.maybe_compress(payload);
         let permits = self.permits_for(payload.len());
         let acquired = self
             .sem
@@ -198,7 +204,7 @@ impl PeerLink {
             .await
             .map_err(|_| Error::UnknownPeer(self.info.id))?;
         acquired.forget();
-        self.push(kind, channel, id, codec, payload, permits)
+        self.push(compressed, kind, channel, id, codec, payload, permits)
     }
 
     /// Queues a message, failing with [`Error::Full`] instead of waiting.
@@ -210,6 +216,7 @@ impl PeerLink {
         payload: Bytes,
     ) -> Result<(), Error> {
         self.check(codec, payload.len())?;
+        let (payload, compressed) = self.maybe_compress(payload);
         let permits = self.permits_for(payload.len());
         match self.sem.try_acquire_many(permits as u32) {
             Ok(p) => p.forget(),
@@ -218,7 +225,30 @@ impl PeerLink {
                 return Err(Error::UnknownPeer(self.info.id));
             }
         }
-        self.push(Kind::Message, channel, id.0, codec, payload, permits)
+        self.push(
+            compressed,
+            Kind::Message,
+            channel,
+            id.0,
+            codec,
+            payload,
+            permits,
+        )
+    }
+
+    /// Compresses a payload at or above the threshold when the connection negotiated an
+    /// algorithm and compressing makes it smaller. Runs in the sender's task, not the
+    /// connection's, so a busy connection does not also pay for its senders' compression.
+    fn maybe_compress(&self, payload: Bytes) -> (Bytes, bool) {
+        match self.compression {
+            Some(alg) if payload.len() >= self.compression_threshold => {
+                match compress::compress(alg, &payload) {
+                    Some(c) => (c, true),
+                    None => (payload, false),
+                }
+            }
+            _ => (payload, false),
+        }
     }
 
     fn check(&self, codec: CodecId, len: usize) -> Result<(), Error> {
@@ -237,8 +267,10 @@ impl PeerLink {
         (len + HEADER_LEN).min(self.buffer_cap)
     }
 
+    #[allow(clippy::too_many_arguments)] // one per field of the command it builds
     fn push(
         &self,
+        compressed: bool,
         kind: Kind,
         channel: u32,
         id: u64,
@@ -248,6 +280,7 @@ impl PeerLink {
     ) -> Result<(), Error> {
         self.cmd
             .send(Command::Send {
+                compressed,
                 kind,
                 channel,
                 id,
@@ -292,6 +325,8 @@ pub(crate) fn spawn<S, F>(
         buffer_cap,
         codecs: AtomicU32::new(0),
         max_message: AtomicU32::new(0),
+        compression: None,
+        compression_threshold: node.settings.compression_threshold,
         done: CancellationToken::new(),
         kill: node.shutdown.child_token(),
         pending: Arc::default(),
@@ -337,6 +372,7 @@ pub(crate) fn spawn<S, F>(
             serving: HashMap::new(),
             slow_since: None,
             slow_cut: false,
+            reinject: std::collections::VecDeque::new(),
         };
         driver.run().await;
     };
@@ -386,6 +422,8 @@ struct Driver<S> {
     serving: HashMap<u64, tokio::task::AbortHandle>,
     /// Since when the peer's send buffer has been full.
     slow_since: Option<TokioInstant>,
+    /// Messages inflated by `dispatch_events`, to dispatch next.
+    reinject: std::collections::VecDeque<slic_proto::IncomingMessage>,
     /// The peer was cut off as a slow consumer.
     slow_cut: bool,
 }
@@ -533,6 +571,7 @@ impl<S: Transport> Driver<S> {
     fn command(&mut self, cmd: Command) {
         match cmd {
             Command::Send {
+                compressed,
                 kind,
                 channel,
                 id,
@@ -541,7 +580,10 @@ impl<S: Transport> Driver<S> {
                 permits,
             } => {
                 self.held += permits;
-                if let Err(e) = self.conn.send(kind, channel, id, codec, payload) {
+                let sent = self
+                    .conn
+                    .send_compressed(kind, channel, id, codec, payload, compressed);
+                if let Err(e) = sent {
                     debug!(error = %e, channel, "message dropped");
                 }
             }
@@ -605,9 +647,42 @@ impl<S: Transport> Driver<S> {
     }
 
     fn dispatch_events(&mut self) {
-        while let Some(ev) = self.conn.poll_event() {
+        // Inflated messages go through the loop again, before any later event.
+        while let Some(ev) = self
+            .reinject
+            .pop_front()
+            .map(ProtoEvent::Message)
+            .or_else(|| self.conn.poll_event())
+        {
             match ev {
                 ProtoEvent::Connected(hello) => self.on_connected(&hello),
+                ProtoEvent::Message(mut m) if m.compressed => {
+                    // Inflate here, bounded by our maximum message size, then handle the
+                    // plain message as if it had arrived so.
+                    let Some(alg) = self.conn.compression() else {
+                        continue; // the core refuses COMPRESSED without negotiation
+                    };
+                    let max = self.node.proto.message_size_limit() as usize;
+                    match compress::decompress(alg, &m.payload, max) {
+                        Ok(plain) => {
+                            m.payload = plain;
+                            m.compressed = false;
+                            self.reinject.push_back(m);
+                        }
+                        Err(e) => {
+                            let (code, why) = match e {
+                                compress::InflateError::TooLarge => (
+                                    ErrorCode::MessageTooLarge,
+                                    "compressed message inflates beyond the maximum",
+                                ),
+                                compress::InflateError::Corrupt => {
+                                    (ErrorCode::ProtocolError, "corrupt compressed payload")
+                                }
+                            };
+                            self.conn.abort(code, why);
+                        }
+                    }
+                }
                 ProtoEvent::Message(m) if m.kind == Kind::Request => {
                     // The handler owns the body from here; the in-flight limit bounds memory.
                     self.conn.release(m.channel, m.credit);
@@ -763,6 +838,8 @@ impl<S: Transport> Driver<S> {
             buffer_cap: self.link.buffer_cap,
             codecs: AtomicU32::new(u32::from(hello.codecs)),
             max_message: AtomicU32::new(hello.max_message_size),
+            compression: self.conn.compression(),
+            compression_threshold: self.link.compression_threshold,
             done: self.link.done.clone(),
             kill: self.link.kill.clone(),
             pending: self.link.pending.clone(),

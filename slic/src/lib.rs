@@ -54,6 +54,7 @@ pub mod blocking;
 pub struct ReadmeDoctests;
 mod channel;
 mod codec;
+mod compress;
 mod driver;
 mod error;
 mod node;
@@ -69,5 +70,5 @@ pub use node::{
     PeerId, PeerInfo, Target,
 };
 pub use resource::{MAX_RESOURCE_NAME, Request, Status};
-pub use slic_proto::{CodecId, ConnectionError, ErrorCode, Initiator};
+pub use slic_proto::{CodecId, Compression, ConnectionError, ErrorCode, Initiator};
 pub use upload::{Progress, StoredFile, UploadOptions, UploadRequest, validate_file_name};

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_core::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use slic_proto::{CodecId, ConnectionError, Initiator, Side};
+use slic_proto::{CodecId, Compression, ConnectionError, Initiator, Side};
 use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -190,6 +190,7 @@ pub(crate) struct Settings {
     pub(crate) max_connections: usize,
     pub(crate) max_connections_per_ip: usize,
     pub(crate) slow_consumer_timeout: Option<Duration>,
+    pub(crate) compression_threshold: usize,
 }
 
 /// Builds a [`Node`]. Every setting has a default; see each setter.
@@ -232,6 +233,7 @@ impl Default for NodeBuilder {
                 max_connections: 10_000,
                 max_connections_per_ip: 256,
                 slow_consumer_timeout: Some(Duration::from_secs(30)),
+                compression_threshold: 512,
             },
             proto,
             error: None,
@@ -383,6 +385,33 @@ impl NodeBuilder {
     /// `None` turns the cut-off off: then a reader that never reads blocks senders forever.
     pub fn slow_consumer_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.settings.slow_consumer_timeout = timeout;
+        self
+    }
+
+    /// Compression algorithms to negotiate, most preferred first. Default: none. The side
+    /// that accepts picks its most preferred algorithm that the connecting side offered; with
+    /// none in common, nothing is compressed. Messages are decompressed within
+    /// `max_message_size`: a payload that would inflate beyond it is a protocol error at the
+    /// cap, never a large allocation.
+    ///
+    /// ```
+    /// use slic::{Compression, Node};
+    /// let node = Node::builder()
+    ///     .compression(&[Compression::Lz4, Compression::Zstd])
+    ///     .compression_threshold(1024)
+    ///     .build()?;
+    /// # Ok::<(), slic::Error>(())
+    /// ```
+    pub fn compression(mut self, algorithms: &[Compression]) -> Self {
+        let r = self.proto.compression(algorithms).map(drop);
+        self.record(r);
+        self
+    }
+
+    /// Messages smaller than this many bytes are sent uncompressed. Default 512. A message
+    /// that does not shrink (already compressed, random) is also sent as it is.
+    pub fn compression_threshold(mut self, bytes: usize) -> Self {
+        self.settings.compression_threshold = bytes;
         self
     }
 
