@@ -6,17 +6,75 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::Value;
-use slic::{Codec, CodecId, Event, Node, Request, Status, Target, UploadOptions, UploadRequest};
+use slic::{
+    Codec, CodecId, Event, Node, Request, Status, Target, TlsConfig, UploadOptions, UploadRequest,
+};
+
+/// TLS options shared by every network subcommand.
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct TlsArgs {
+    /// PEM certificate chain of this node: the server's identity, or the client certificate
+    /// to present. Makes `serve` listen with TLS.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust when connecting; makes a client address default to
+    /// tls://.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// PEM CA certificate(s) that client certificates must chain to; `serve` then refuses
+    /// clients without one.
+    #[arg(long, requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn config(&self) -> Result<Option<TlsConfig>> {
+        if self.tls_cert.is_none() && self.ca.is_none() {
+            return Ok(None);
+        }
+        let mut b = TlsConfig::builder();
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            b = b.identity_pem_files(cert, key)?;
+        }
+        if let Some(ca) = &self.ca {
+            b = b.trust_pem_file(ca)?;
+        }
+        if let Some(ca) = &self.client_ca {
+            b = b.require_client_certs_pem_file(ca)?;
+        }
+        Ok(Some(b.build()?))
+    }
+
+    /// `addr` with `tls://` in front when TLS options are given and it names no scheme.
+    fn address(&self, addr: &str, tls_flag: bool) -> String {
+        if tls_flag && !addr.contains("://") {
+            format!("tls://{addr}")
+        } else {
+            addr.to_owned()
+        }
+    }
+
+    fn builder(&self, name: &str) -> Result<slic::NodeBuilder> {
+        let mut b = Node::builder().name(name).codec(Codec::Json);
+        if let Some(tls) = self.config()? {
+            b = b.tls(tls);
+        }
+        Ok(b)
+    }
+}
 
 /// Builds a client node that speaks JSON, connected to `addr`.
-async fn client(addr: &str, timeout: Duration) -> Result<Node> {
-    let node = Node::builder()
-        .name("slic-cli")
-        .codec(Codec::Json)
+async fn client(addr: &str, timeout: Duration, tls: &TlsArgs) -> Result<Node> {
+    let node = tls
+        .builder("slic-cli")?
         .request_timeout(timeout)
         .connect_timeout(Duration::from_secs(10))
         .build()?;
-    node.connect(addr)
+    let addr = tls.address(addr, tls.ca.is_some());
+    node.connect(addr.as_str())
         .await
         .with_context(|| format!("cannot connect to {addr}"))?;
     Ok(node)
@@ -31,8 +89,11 @@ pub(crate) async fn serve(
     upload_dir: Option<PathBuf>,
     max_upload: u64,
     name: &str,
+    tls: &TlsArgs,
 ) -> Result<()> {
-    let node = Node::builder().name(name).codec(Codec::Json).build()?;
+    let node = tls.builder(name)?.build()?;
+    let listen = tls.address(listen, tls.tls_cert.is_some());
+    let listen = listen.as_str();
     node.create_resource(":echo", |req: Request<Value>| async move {
         Ok::<_, Status>(req.body)
     })?;
@@ -86,12 +147,18 @@ pub(crate) async fn serve(
     Ok(())
 }
 
-pub(crate) async fn call(addr: &str, resource: &str, json: &str, timeout: f64) -> Result<()> {
+pub(crate) async fn call(
+    addr: &str,
+    resource: &str,
+    json: &str,
+    timeout: f64,
+    tls: &TlsArgs,
+) -> Result<()> {
     if !(timeout > 0.0 && timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
     let payload = parse_json(json)?;
-    let node = client(addr, Duration::from_secs_f64(timeout)).await?;
+    let node = client(addr, Duration::from_secs_f64(timeout), tls).await?;
     let result = node.get_resource::<Value, Value>(resource, &payload).await;
     node.disconnect(Target::All, Duration::from_secs(1))
         .await
@@ -103,9 +170,9 @@ pub(crate) async fn call(addr: &str, resource: &str, json: &str, timeout: f64) -
     Ok(())
 }
 
-pub(crate) async fn send(addr: &str, json: &str) -> Result<()> {
+pub(crate) async fn send(addr: &str, json: &str, tls: &TlsArgs) -> Result<()> {
     let payload = parse_json(json)?;
-    let node = client(addr, Duration::from_secs(10)).await?;
+    let node = client(addr, Duration::from_secs(10), tls).await?;
     let id = node.send(Target::All, &payload).await?;
     node.disconnect(Target::All, Duration::from_secs(5)).await?;
     node.shutdown().await;
@@ -113,11 +180,10 @@ pub(crate) async fn send(addr: &str, json: &str) -> Result<()> {
     Ok(())
 }
 
-pub(crate) async fn listen(addr: &str, count: Option<u64>) -> Result<()> {
-    let node = Node::builder()
-        .name("slic-listen")
-        .codec(Codec::Json)
-        .build()?;
+pub(crate) async fn listen(addr: &str, count: Option<u64>, tls: &TlsArgs) -> Result<()> {
+    let node = tls.builder("slic-listen")?.build()?;
+    let addr = tls.address(addr, tls.tls_cert.is_some());
+    let addr = addr.as_str();
     let bound = node
         .listen(addr)
         .await
@@ -167,11 +233,12 @@ pub(crate) async fn upload(
     file: &Path,
     stored_name: Option<String>,
     quiet: bool,
+    tls: &TlsArgs,
 ) -> Result<()> {
     let size = std::fs::metadata(file)
         .with_context(|| format!("cannot read {}", file.display()))?
         .len();
-    let node = client(addr, Duration::from_secs(30)).await?;
+    let node = client(addr, Duration::from_secs(30), tls).await?;
     let peer = node
         .peers()
         .first()

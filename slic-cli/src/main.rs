@@ -32,6 +32,8 @@ enum Command {
     /// the server are printed.
     ///
     /// Example: slic serve --listen 127.0.0.1:7070 --upload-dir ./storage
+    /// With TLS: slic serve --listen 127.0.0.1:7443 --tls-cert s.pem --tls-key s.key
+    /// (add --client-ca ca.pem to require client certificates).
     Serve {
         /// Address to listen on, e.g. 127.0.0.1:7070 (port 0 lets the OS pick; the chosen
         /// address is printed).
@@ -46,12 +48,15 @@ enum Command {
         /// Node name announced to peers.
         #[arg(long, default_value = "slic-serve")]
         name: String,
+        #[command(flatten)]
+        tls: commands::TlsArgs,
     },
     /// Calls a resource with a JSON payload and prints the JSON reply; the status goes to
     /// standard error. Exit code 0 on success, 2 when the server answered with an error
     /// status, 1 on any other error.
     ///
     /// Example: slic call 127.0.0.1:7070 :echo '{"a": 10}'
+    /// With TLS: slic call tls://localhost:7443 :echo 1 --ca ca.pem
     Call {
         /// Server address.
         addr: String,
@@ -63,6 +68,8 @@ enum Command {
         /// Seconds to wait for the reply.
         #[arg(long, default_value_t = 30.0)]
         timeout: f64,
+        #[command(flatten)]
+        tls: commands::TlsArgs,
     },
     /// Sends one JSON message to the node at ADDR.
     ///
@@ -72,6 +79,8 @@ enum Command {
         addr: String,
         /// Message as JSON.
         json: String,
+        #[command(flatten)]
+        tls: commands::TlsArgs,
     },
     /// Listens on ADDR and prints each incoming message as a line: sender, channel, body
     /// (as JSON when the sender used JSON or MessagePack).
@@ -83,6 +92,8 @@ enum Command {
         /// Exit after this many messages.
         #[arg(long)]
         count: Option<u64>,
+        #[command(flatten)]
+        tls: commands::TlsArgs,
     },
     /// Uploads FILE to upload resource NAME on the server at ADDR, with a progress bar, and
     /// prints the stored name, size and BLAKE3 digest.
@@ -101,6 +112,8 @@ enum Command {
         /// Do not draw a progress bar.
         #[arg(long)]
         quiet: bool,
+        #[command(flatten)]
+        tls: commands::TlsArgs,
     },
     /// Measures, in one run on loopback: a 64-byte ping-pong with slic and with raw blocking
     /// TCP (4-byte length prefix), p50/p99 and their ratio; slic requests/s with 1 and 64
@@ -146,19 +159,25 @@ fn main() {
             upload_dir,
             max_upload,
             name,
-        } => runtime()
-            .and_then(|rt| rt.block_on(commands::serve(&listen, upload_dir, max_upload, &name))),
+            tls,
+        } => runtime().and_then(|rt| {
+            rt.block_on(commands::serve(
+                &listen, upload_dir, max_upload, &name, &tls,
+            ))
+        }),
         Command::Call {
             addr,
             resource,
             json,
             timeout,
-        } => runtime().and_then(|rt| rt.block_on(commands::call(&addr, &resource, &json, timeout))),
-        Command::Send { addr, json } => {
-            runtime().and_then(|rt| rt.block_on(commands::send(&addr, &json)))
+            tls,
+        } => runtime()
+            .and_then(|rt| rt.block_on(commands::call(&addr, &resource, &json, timeout, &tls))),
+        Command::Send { addr, json, tls } => {
+            runtime().and_then(|rt| rt.block_on(commands::send(&addr, &json, &tls)))
         }
-        Command::Listen { addr, count } => {
-            runtime().and_then(|rt| rt.block_on(commands::listen(&addr, count)))
+        Command::Listen { addr, count, tls } => {
+            runtime().and_then(|rt| rt.block_on(commands::listen(&addr, count, &tls)))
         }
         Command::Upload {
             addr,
@@ -166,6 +185,7 @@ fn main() {
             file,
             stored_name,
             quiet,
+            tls,
         } => runtime().and_then(|rt| {
             rt.block_on(commands::upload(
                 &addr,
@@ -173,6 +193,7 @@ fn main() {
                 &file,
                 stored_name,
                 quiet,
+                &tls,
             ))
         }),
     };

@@ -8,7 +8,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use tracing::debug;
 
 use crate::config::{Compression, Config};
-use crate::error::{ConnectionError, ErrorCode, Initiator, OpenError, SendError};
+use crate::error::{ConnectionError, DecodeError, ErrorCode, Initiator, OpenError, SendError};
 use crate::frame::{
     CodecId, Decoder, Frame, FrameType, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, Header, flags,
 };
@@ -660,7 +660,16 @@ impl Connection {
                 Err(e) => {
                     // The stream cannot be resynchronised: drop what is buffered.
                     buf.clear();
-                    return Err(self.violation(ErrorCode::from(&e), e.to_string()));
+                    let reason = match (&self.state, &e) {
+                        // 0x15 and 0x16 start TLS alert and handshake records: say so, the
+                        // usual cause is a tls:// peer on a plain address or the reverse.
+                        (State::Handshake, DecodeError::UnsupportedVersion(0x15 | 0x16)) => {
+                            "peer speaks TLS, not plain slic: use a tls:// address on both sides"
+                                .to_owned()
+                        }
+                        _ => e.to_string(),
+                    };
+                    return Err(self.violation(ErrorCode::from(&e), reason));
                 }
             };
             self.last_recv = now;
@@ -754,7 +763,16 @@ impl Connection {
         };
         if header.ty == FrameType::Error || header.ty == FrameType::GoAway {
             let (code, reason) = parse_close_payload(payload)?;
-            self.terminate(ConnectionError::PeerError { code, reason });
+            // A GOAWAY is a graceful close also before the handshake completes (a server that
+            // shuts down before answering HELLO sends one): report it as such, as after the
+            // handshake. Reporting it as PeerError (found by fuzz/connection_ops) made a close
+            // of an honest peer look like a fatal error.
+            let err = if header.ty == FrameType::GoAway {
+                ConnectionError::GoAway { code, reason }
+            } else {
+                ConnectionError::PeerError { code, reason }
+            };
+            self.terminate(err);
             return Ok(());
         }
         if header.ty != expected {

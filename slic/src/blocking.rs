@@ -59,7 +59,7 @@ impl Node {
     /// # Errors
     ///
     /// As the async version.
-    pub fn listen(&self, addr: impl tokio::net::ToSocketAddrs) -> Result<SocketAddr, Error> {
+    pub fn listen(&self, addr: impl crate::ToEndpoint) -> Result<SocketAddr, Error> {
         self.rt.block_on(self.node.listen(addr))
     }
 
@@ -68,7 +68,7 @@ impl Node {
     /// # Errors
     ///
     /// As the async version.
-    pub fn connect(&self, addr: impl tokio::net::ToSocketAddrs) -> Result<PeerId, Error> {
+    pub fn connect(&self, addr: impl crate::ToEndpoint) -> Result<PeerId, Error> {
         self.rt.block_on(self.node.connect(addr))
     }
 

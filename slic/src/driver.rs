@@ -32,6 +32,7 @@ use crate::node::{
     PeerInfo,
 };
 use crate::resource::{self, Reply, Status};
+use crate::tls::PeerIdentity;
 use crate::upload;
 
 /// Bytes of frames the task moves out of the protocol core before it writes them.
@@ -309,7 +310,7 @@ pub(crate) fn spawn<S, F>(
     slot: Option<ConnectionSlot>,
 ) where
     S: Transport,
-    F: Future<Output = io::Result<S>> + Send + 'static,
+    F: Future<Output = io::Result<(S, Option<PeerIdentity>)>> + Send + 'static,
 {
     let id = node.next_peer_id();
     let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
@@ -319,6 +320,7 @@ pub(crate) fn spawn<S, F>(
             id,
             name: Arc::from(""),
             addr,
+            identity: None,
         },
         cmd: cmd_tx,
         sem: Arc::new(Semaphore::new(buffer_cap)),
@@ -340,9 +342,9 @@ pub(crate) fn spawn<S, F>(
         // The connection holds its place in the node's connection counts until it ends.
         let _slot = slot;
         let node = task_node;
-        let stream = tokio::select! {
+        let (stream, identity) = tokio::select! {
             r = tokio::time::timeout_at(deadline, establish) => match r {
-                Ok(Ok(stream)) => stream,
+                Ok(Ok(established)) => established,
                 Ok(Err(e)) => return fail_early(&node, &link, ready, Error::Io(e)),
                 Err(_) => {
                     let e = Error::Connection(ConnectionError::HandshakeTimeout);
@@ -373,6 +375,7 @@ pub(crate) fn spawn<S, F>(
             slow_since: None,
             slow_cut: false,
             reinject: std::collections::VecDeque::new(),
+            identity: identity.map(Arc::new),
         };
         driver.run().await;
     };
@@ -422,6 +425,8 @@ struct Driver<S> {
     serving: HashMap<u64, tokio::task::AbortHandle>,
     /// Since when the peer's send buffer has been full.
     slow_since: Option<TokioInstant>,
+    /// What the peer's certificate proved, set on its `PeerInfo` at the handshake.
+    identity: Option<Arc<PeerIdentity>>,
     /// Messages inflated by `dispatch_events`, to dispatch next.
     reinject: std::collections::VecDeque<slic_proto::IncomingMessage>,
     /// The peer was cut off as a slow consumer.
@@ -829,6 +834,7 @@ impl<S: Transport> Driver<S> {
     fn on_connected(&mut self, hello: &slic_proto::Hello) {
         let mut info = self.link.info.clone();
         info.name = Arc::from(hello.name.as_str());
+        info.identity = self.identity.clone();
         // The link was created before the name was known; rebuild it with the name. Handles
         // cloned before this point do not exist: nothing saw the link yet.
         let link = Arc::new(PeerLink {

@@ -64,6 +64,10 @@ pub enum Error {
     /// A resource of that name already exists on this node.
     #[error("resource {0} already exists")]
     ResourceExists(String),
+    /// A TLS setting could not be used (unreadable PEM, key and certificate that do not
+    /// match, ...).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// Several peers are connected: name one (`get_resource_from`, `upload_resource_to`).
     #[error("several peers are connected; name the one to call")]
     AmbiguousPeer,

@@ -17,7 +17,11 @@
 //! reply or a [`Status`]; upload resources ([`Node::create_upload_resource`],
 //! [`Node::upload_resource`]) store files streamed by clients, checked and fsynced.
 //!
-//! What it does not do (yet): TLS, compression, rate limits, discovery. The wire format
+//! Links can be TLS 1.3 with mutual authentication ([`TlsConfig`], `tls://` addresses) and
+//! compressed with lz4 or zstd ([`NodeBuilder::compression`]), both negotiated per
+//! connection.
+//!
+//! What it does not do (yet): rate limits, traffic accounting, discovery, QUIC. The wire format
 //! is specified in PROTOCOL.md.
 //!
 //! # Example
@@ -59,6 +63,7 @@ mod driver;
 mod error;
 mod node;
 mod resource;
+mod tls;
 mod upload;
 
 pub use bytes::Bytes;
@@ -71,4 +76,7 @@ pub use node::{
 };
 pub use resource::{MAX_RESOURCE_NAME, Request, Status};
 pub use slic_proto::{CodecId, Compression, ConnectionError, ErrorCode, Initiator};
+pub use tls::{
+    DangerousTlsConfigBuilder, Endpoint, PeerIdentity, TlsConfig, TlsConfigBuilder, ToEndpoint,
+};
 pub use upload::{Progress, StoredFile, UploadOptions, UploadRequest, validate_file_name};

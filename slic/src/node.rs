@@ -16,7 +16,7 @@ use futures_core::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use slic_proto::{CodecId, Compression, ConnectionError, Initiator, Side};
-use tokio::net::{TcpListener, TcpStream, ToSocketAddrs};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -27,6 +27,7 @@ use crate::codec::{self, Codec};
 use crate::driver::{self, Command, Delivery, PeerLink};
 use crate::error::Error;
 use crate::resource::{self, Registry, Request, Status};
+use crate::tls::{self, PeerIdentity, Scheme, TlsConfig, ToEndpoint};
 use crate::upload::{self, StoredFile, UploadOptions, UploadRequest, UploadTarget};
 
 /// Identifies one connection of a node. Ids are never reused within a node.
@@ -63,6 +64,9 @@ pub struct PeerInfo {
     pub name: Arc<str>,
     /// The peer's socket address.
     pub addr: SocketAddr,
+    /// What the peer's TLS certificate proves (`None` over plain TCP, or when a TLS client
+    /// presented no certificate).
+    pub identity: Option<Arc<PeerIdentity>>,
 }
 
 /// Where [`Node::send`] delivers.
@@ -214,6 +218,7 @@ pub(crate) struct Settings {
 pub struct NodeBuilder {
     proto: slic_proto::Config,
     settings: Settings,
+    tls: Option<TlsConfig>,
     error: Option<Error>,
 }
 
@@ -236,6 +241,7 @@ impl Default for NodeBuilder {
                 compression_threshold: 512,
             },
             proto,
+            tls: None,
             error: None,
         }
     }
@@ -339,6 +345,20 @@ impl NodeBuilder {
         self
     }
 
+    /// Budget for cheap control frames from a peer (PING, PONG, CHANNEL_OPEN, CHANNEL_CLOSE,
+    /// CANCEL), per connection: a token bucket of `burst` frames refilled at `per_second`.
+    /// Default 2,000 and 1,000/s. A peer that exceeds it is sent GOAWAY with
+    /// ENHANCE_YOUR_CALM and disconnected.
+    ///
+    /// # DoS mitigation
+    ///
+    /// Each of these frames costs the peer 20 bytes and this node real work (a PONG, a
+    /// channel's state, a handler to abort); the budget stops a peer from keeping a core busy.
+    pub fn control_budget(mut self, burst: u32, per_second: u32) -> Self {
+        self.proto.control_budget(burst, per_second);
+        self
+    }
+
     /// How long [`Node::get_resource`] waits for a reply before it cancels the request and
     /// fails with [`Status::Timeout`]. Default 30 s.
     pub fn request_timeout(mut self, timeout: Duration) -> Self {
@@ -385,6 +405,15 @@ impl NodeBuilder {
     /// `None` turns the cut-off off: then a reader that never reads blocks senders forever.
     pub fn slow_consumer_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.settings.slow_consumer_timeout = timeout;
+        self
+    }
+
+    /// TLS 1.3 settings: an identity to listen on `tls://` addresses (and to present as a
+    /// client certificate), the roots to trust when connecting to `tls://` addresses, and
+    /// whether clients must present certificates. Plain and TLS listeners can coexist on one
+    /// node. See [`TlsConfig`].
+    pub fn tls(mut self, config: TlsConfig) -> Self {
+        self.tls = Some(config);
         self
     }
 
@@ -447,6 +476,7 @@ impl NodeBuilder {
             tracker: TaskTracker::new(),
             resources: Registry::default(),
             uploads: RwLock::new(HashMap::new()),
+            tls: self.tls,
             connections: Mutex::new(ConnectionCount::default()),
         });
         Ok(Node {
@@ -473,6 +503,7 @@ pub(crate) struct NodeInner {
     pub(crate) tracker: TaskTracker,
     pub(crate) resources: Registry,
     uploads: RwLock<HashMap<String, Arc<UploadTarget>>>,
+    tls: Option<TlsConfig>,
     connections: Mutex<ConnectionCount>,
 }
 
@@ -695,18 +726,35 @@ impl Node {
     /// # Errors
     ///
     /// The address does not resolve or cannot be bound, or the node is shut down.
-    pub async fn listen(&self, addr: impl ToSocketAddrs) -> Result<SocketAddr, Error> {
+    pub async fn listen(&self, addr: impl ToEndpoint) -> Result<SocketAddr, Error> {
         let inner = self.inner();
         if inner.shutdown.is_cancelled() {
             return Err(Error::Shutdown);
         }
-        let listener = TcpListener::bind(addr).await?;
+        let endpoint = addr.to_endpoint()?;
+        let acceptor = match endpoint.scheme {
+            Scheme::Tcp => None,
+            Scheme::Tls => {
+                let server = inner
+                    .tls
+                    .as_ref()
+                    .and_then(|t| t.server.clone())
+                    .ok_or_else(|| {
+                        Error::Config(
+                            "a tls:// listener needs Node::builder().tls(..) with an identity"
+                                .into(),
+                        )
+                    })?;
+                Some(tokio_rustls::TlsAcceptor::from(server))
+            }
+        };
+        let listener = TcpListener::bind(endpoint.resolve().await?.as_slice()).await?;
         let local = listener.local_addr()?;
         let node = inner.clone();
         let span = debug_span!("listen", %local);
         inner
             .tracker
-            .spawn(accept_loop(node, listener).instrument(span));
+            .spawn(accept_loop(node, listener, acceptor).instrument(span));
         Ok(local)
     }
 
@@ -715,25 +763,59 @@ impl Node {
     /// # Errors
     ///
     /// The connection is refused, the handshake fails, or `connect_timeout` passes.
-    pub async fn connect(&self, addr: impl ToSocketAddrs) -> Result<PeerId, Error> {
+    pub async fn connect(&self, addr: impl ToEndpoint) -> Result<PeerId, Error> {
         let inner = self.inner();
         if inner.shutdown.is_cancelled() {
             return Err(Error::Shutdown);
         }
+        let endpoint = addr.to_endpoint()?;
+        let tls = match endpoint.scheme {
+            Scheme::Tcp => None,
+            Scheme::Tls => {
+                let client = inner
+                    .tls
+                    .as_ref()
+                    .map(|t| t.client.clone())
+                    .ok_or_else(|| {
+                        Error::Config("a tls:// address needs Node::builder().tls(..)".into())
+                    })?;
+                Some((
+                    tokio_rustls::TlsConnector::from(client),
+                    endpoint.server_name()?,
+                ))
+            }
+        };
         let timeout = inner.settings.connect_timeout;
         let work = async {
-            let stream = TcpStream::connect(addr).await?;
+            let stream = TcpStream::connect(endpoint.resolve().await?.as_slice()).await?;
             stream.set_nodelay(true)?;
             let peer_addr = stream.peer_addr()?;
             let (tx, rx) = oneshot::channel();
-            driver::spawn(
-                inner.clone(),
-                std::future::ready(Ok(stream)),
-                peer_addr,
-                Side::Client,
-                Some(tx),
-                None,
-            );
+            match tls {
+                None => driver::spawn(
+                    inner.clone(),
+                    std::future::ready(Ok((stream, None))),
+                    peer_addr,
+                    Side::Client,
+                    Some(tx),
+                    None,
+                ),
+                Some((connector, name)) => driver::spawn(
+                    inner.clone(),
+                    async move {
+                        let tls = connector
+                            .connect(name, stream)
+                            .await
+                            .map_err(tls::explain_handshake_error)?;
+                        let identity = tls::identity_of(tls.get_ref().1.peer_certificates());
+                        Ok((tls, identity))
+                    },
+                    peer_addr,
+                    Side::Client,
+                    Some(tx),
+                    None,
+                ),
+            }
             rx.await.map_err(|_| Error::Shutdown)?
         };
         tokio::time::timeout(timeout, work)
@@ -1234,7 +1316,11 @@ impl Node {
     }
 }
 
-async fn accept_loop(node: Arc<NodeInner>, listener: TcpListener) {
+async fn accept_loop(
+    node: Arc<NodeInner>,
+    listener: TcpListener,
+    acceptor: Option<tokio_rustls::TlsAcceptor>,
+) {
     loop {
         tokio::select! {
             () = node.shutdown.cancelled() => return,
@@ -1252,14 +1338,38 @@ async fn accept_loop(node: Arc<NodeInner>, listener: TcpListener) {
                     if let Err(e) = stream.set_nodelay(true) {
                         debug!(error = %e, "set_nodelay failed");
                     }
-                    driver::spawn(
-                        node.clone(),
-                        std::future::ready(Ok(stream)),
-                        addr,
-                        Side::Server,
-                        None,
-                        Some(slot),
-                    );
+                    match &acceptor {
+                        None => driver::spawn(
+                            node.clone(),
+                            std::future::ready(Ok((stream, None))),
+                            addr,
+                            Side::Server,
+                            None,
+                            Some(slot),
+                        ),
+                        Some(acceptor) => {
+                            // The TLS handshake runs in the connection's task, within the
+                            // handshake deadline, so a trickling client stalls nobody.
+                            let acceptor = acceptor.clone();
+                            driver::spawn(
+                                node.clone(),
+                                async move {
+                                    let stream = tls::refuse_plain_slic(stream).await?;
+                                    let tls = acceptor
+                                        .accept(stream)
+                                        .await
+                                        .map_err(tls::explain_handshake_error)?;
+                                    let identity =
+                                        tls::identity_of(tls.get_ref().1.peer_certificates());
+                                    Ok((tls, identity))
+                                },
+                                addr,
+                                Side::Server,
+                                None,
+                                Some(slot),
+                            );
+                        }
+                    }
                 }
                 Err(e) => {
                     // Out of descriptors and the like: back off instead of spinning.
