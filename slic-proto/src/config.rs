@@ -52,6 +52,7 @@ pub struct Config {
     pub(crate) handshake_timeout: Duration,
     pub(crate) control_budget: (u32, u32),
     pub(crate) compression: Vec<Compression>,
+    pub(crate) checksum: bool,
 }
 
 impl Default for Config {
@@ -69,6 +70,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             control_budget: (2_000, 1_000),
             compression: Vec::new(),
+            checksum: false,
         }
     }
 }
@@ -208,6 +210,15 @@ impl Config {
         }
         self.compression = algorithms.to_vec();
         Ok(self)
+    }
+
+    /// Whether to ask for a CRC-32 trailer on every frame after the handshake, so that a
+    /// frame damaged in transit is a CORRUPT_FRAME error instead of wrong data delivered.
+    /// Used only when both sides ask. Default `false` in this core; `slic` turns it on for
+    /// plain TCP (TLS already authenticates every record).
+    pub fn checksum(&mut self, on: bool) -> &mut Self {
+        self.checksum = on;
+        self
     }
 
     /// The handshake deadline, for drivers that run a transport handshake (TLS) within it.

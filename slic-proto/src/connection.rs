@@ -10,7 +10,8 @@ use tracing::debug;
 use crate::config::{Compression, Config};
 use crate::error::{ConnectionError, DecodeError, ErrorCode, Initiator, OpenError, SendError};
 use crate::frame::{
-    CodecId, Decoder, Frame, FrameType, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, Header, flags,
+    CHECKSUM_LEN, CodecId, Decoder, Frame, FrameType, HANDSHAKE_MAX_PAYLOAD, HEADER_LEN, Header,
+    checksum, flags,
 };
 use crate::handshake::{Hello, HelloError};
 use crate::limit::TokenBucket;
@@ -47,6 +48,8 @@ pub struct Transmit {
     pub header: [u8; HEADER_LEN],
     /// Payload bytes.
     pub payload: Bytes,
+    /// CRC-32 trailer, written after the payload, once checksums are agreed.
+    pub trailer: Option<[u8; CHECKSUM_LEN]>,
 }
 
 impl Transmit {
@@ -54,12 +57,22 @@ impl Transmit {
         Self {
             header: header.encode(),
             payload,
+            trailer: None,
         }
     }
 
     /// Total bytes on the wire.
     pub fn len(&self) -> usize {
-        HEADER_LEN + self.payload.len()
+        HEADER_LEN + self.payload.len() + self.trailer.map_or(0, |t| t.len())
+    }
+
+    /// Appends the frame's bytes (header, payload, trailer) to `out`.
+    pub fn write_to(&self, out: &mut BytesMut) {
+        out.extend_from_slice(&self.header);
+        out.extend_from_slice(&self.payload);
+        if let Some(t) = &self.trailer {
+            out.extend_from_slice(t);
+        }
     }
 
     /// Always false: a frame has at least its header.
@@ -276,6 +289,8 @@ pub struct Connection {
     control_budget: TokenBucket,
     rtt: Option<Duration>,
     compression: Option<Compression>,
+    /// Frames after the handshake carry a CRC-32 trailer (both sides asked for it).
+    checksum: bool,
     stats: Stats,
 }
 
@@ -334,6 +349,7 @@ impl Connection {
             control_budget: TokenBucket::new(config.control_budget.0, config.control_budget.1, now),
             rtt: None,
             compression: None,
+            checksum: false,
             stats: Stats::default(),
             config,
         };
@@ -838,6 +854,8 @@ impl Connection {
         self.heartbeat = (hb > 0).then(|| Duration::from_millis(hb as u64));
         self.conn_send_credit = hello.connection_window;
         self.decoder.set_max_payload(self.config.max_frame_size);
+        self.checksum = self.config.checksum && hello.checksum;
+        self.decoder.set_checksum(self.checksum);
         self.channels.insert(
             0,
             ChannelState::new(
@@ -893,6 +911,7 @@ impl Connection {
         }
         let kind = Kind::of(header.ty);
         let max_message = self.config.max_message_size as usize;
+        let fragmented = ch.reassembly.is_some();
         let message = match ch.reassembly.take() {
             None if !more => Some((header.id, header.codec, compressed, payload)),
             None => {
@@ -937,6 +956,19 @@ impl Connection {
         match message {
             Some((id, codec, compressed, payload)) => {
                 self.stats.messages_received += 1;
+                // The last fragment of a data item sent in several went into the reassembly
+                // buffer like the others, so its credit goes back at once too, all but one
+                // header's worth, held until the application consumes the item. Holding the
+                // whole last fragment let completed but unread items pin the window: two peers
+                // each writing large messages before reading deadlocked once those last
+                // fragments added up to a window (tests/limits.rs in slic). The 20 bytes
+                // still bound how many unread items the peer can queue here.
+                let credit = if fragmented {
+                    self.release(channel, cost - HEADER_LEN as u32);
+                    HEADER_LEN as u32
+                } else {
+                    cost
+                };
                 self.events.push_back(Event::Message(IncomingMessage {
                     compressed,
                     kind,
@@ -944,7 +976,7 @@ impl Connection {
                     id,
                     codec,
                     payload,
-                    credit: cost,
+                    credit,
                 }));
             }
             None => {
@@ -1178,7 +1210,12 @@ impl Connection {
     /// first; messages of different channels are interleaved frame by frame, each within the
     /// flow-control windows and the peer's maximum frame size.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Transmit> {
-        let t = self.next_transmit()?;
+        let mut t = self.next_transmit()?;
+        let handshake =
+            t.header[1] == FrameType::Hello as u8 || t.header[1] == FrameType::Welcome as u8;
+        if self.checksum && !handshake {
+            t.trailer = Some(checksum(&t.header, &t.payload));
+        }
         self.last_send = now;
         self.stats.frames_sent += 1;
         self.stats.bytes_sent += t.len() as u64;
@@ -1276,6 +1313,7 @@ impl Connection {
             max_channels: c.max_channels,
             heartbeat_ms: u32::try_from(c.heartbeat.as_millis()).unwrap_or(u32::MAX),
             compression: c.compression.iter().map(|c| *c as u8).collect(),
+            checksum: c.checksum,
             name: c.name.clone(),
         }
     }

@@ -31,6 +31,9 @@ pub enum DecodeError {
     /// An unknown codec byte, or a codec on a frame that carries none.
     #[error("unknown codec {0}")]
     UnknownCodec(u8),
+    /// The frame's CRC-32 trailer does not match: it was damaged in transit.
+    #[error("frame checksum mismatch")]
+    ChecksumMismatch,
     /// A non-zero channel on a connection-level frame.
     #[error("{ty:?} frame on channel {channel}, must be 0")]
     UnexpectedChannel {
@@ -79,6 +82,8 @@ pub enum ErrorCode {
     BadName,
     /// The sender hit an internal error.
     InternalError,
+    /// A frame failed its checksum: damaged in transit.
+    CorruptFrame,
     /// A code this version does not know, kept as received.
     Other(u32),
 }
@@ -104,6 +109,7 @@ impl ErrorCode {
             Self::UnknownFrame => 14,
             Self::BadName => 15,
             Self::InternalError => 16,
+            Self::CorruptFrame => 17,
             Self::Other(v) => v,
         }
     }
@@ -128,6 +134,7 @@ impl ErrorCode {
             14 => Self::UnknownFrame,
             15 => Self::BadName,
             16 => Self::InternalError,
+            17 => Self::CorruptFrame,
             other => Self::Other(other),
         }
     }

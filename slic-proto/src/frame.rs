@@ -13,6 +13,18 @@ pub const HEADER_LEN: usize = 20;
 /// Protocol version written in every v1 frame header.
 pub const VERSION: u8 = 1;
 
+/// Size of the CRC-32 trailer frames carry once both sides agreed on checksums.
+pub const CHECKSUM_LEN: usize = 4;
+
+/// The frame trailer: CRC-32 (IEEE, as in Ethernet and zlib) of the header and the payload,
+/// big-endian.
+pub fn checksum(header: &[u8], payload: &[u8]) -> [u8; CHECKSUM_LEN] {
+    let mut h = crc32fast::Hasher::new();
+    h.update(header);
+    h.update(payload);
+    h.finalize().to_be_bytes()
+}
+
 /// Largest payload accepted before the handshake has negotiated a limit. HELLO and WELCOME are
 /// far smaller than this; a bigger declared length is refused from the header alone.
 pub const HANDSHAKE_MAX_PAYLOAD: u32 = 1024;
@@ -266,12 +278,16 @@ impl Frame {
 #[derive(Debug, Clone)]
 pub struct Decoder {
     max_payload: u32,
+    checksum: bool,
 }
 
 impl Decoder {
     /// A decoder whose payload limit is `max_payload` bytes.
     pub fn new(max_payload: u32) -> Self {
-        Self { max_payload }
+        Self {
+            max_payload,
+            checksum: false,
+        }
     }
 
     /// The current payload limit.
@@ -282,6 +298,12 @@ impl Decoder {
     /// Changes the payload limit (after the handshake has negotiated one).
     pub fn set_max_payload(&mut self, max_payload: u32) {
         self.max_payload = max_payload;
+    }
+
+    /// Expects every further frame to end in a CRC-32 trailer over its header and payload
+    /// (PROTOCOL.md, "Frame checksum"), and refuses frames whose trailer does not match.
+    pub fn set_checksum(&mut self, on: bool) {
+        self.checksum = on;
     }
 
     /// Takes one frame off the front of `buf`. `Ok(None)` means more bytes are needed; the
@@ -297,9 +319,10 @@ impl Decoder {
         let header = Header::decode(raw, self.max_payload)?;
         // `len <= max_payload <= u32::MAX`, so this sum cannot overflow a 64-bit usize; use
         // checked arithmetic anyway so 32-bit targets are safe too.
+        let trailer = if self.checksum { CHECKSUM_LEN } else { 0 };
         let total = usize::try_from(header.len)
             .ok()
-            .and_then(|len| len.checked_add(HEADER_LEN))
+            .and_then(|len| len.checked_add(HEADER_LEN + trailer))
             .ok_or(DecodeError::FrameTooLarge {
                 len: header.len,
                 max: self.max_payload,
@@ -309,8 +332,17 @@ impl Decoder {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
+        if self.checksum {
+            let body = total - CHECKSUM_LEN;
+            let mut expected = [0u8; CHECKSUM_LEN];
+            expected.copy_from_slice(&buf[body..total]);
+            if checksum(&buf[..HEADER_LEN], &buf[HEADER_LEN..body]) != expected {
+                return Err(DecodeError::ChecksumMismatch);
+            }
+        }
         buf.advance(HEADER_LEN);
-        let payload = buf.split_to(total - HEADER_LEN).freeze();
+        let payload = buf.split_to(total - HEADER_LEN - trailer).freeze();
+        buf.advance(trailer);
         Ok(Some(Frame { header, payload }))
     }
 }
@@ -320,6 +352,7 @@ impl From<&DecodeError> for ErrorCode {
         match e {
             DecodeError::UnsupportedVersion(_) => Self::UnsupportedVersion,
             DecodeError::FrameTooLarge { .. } => Self::FrameTooLarge,
+            DecodeError::ChecksumMismatch => Self::CorruptFrame,
             DecodeError::UnknownFrameType(_) => Self::UnknownFrame,
             DecodeError::ReservedFlags { .. }
             | DecodeError::UnknownCodec(_)

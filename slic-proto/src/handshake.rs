@@ -48,7 +48,13 @@ pub struct Hello {
     pub compression: Vec<u8>,
     /// The node's name.
     pub name: String,
+    /// This side wants a CRC-32 trailer on every frame after the handshake (flag bit 0);
+    /// checksums are used when both sides want them.
+    pub checksum: bool,
 }
+
+/// HELLO/WELCOME flag: the sender wants frame checksums.
+pub const FLAG_CHECKSUM: u8 = 0b0000_0001;
 
 /// Why a HELLO or WELCOME payload is refused.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -94,7 +100,7 @@ impl Hello {
         b.put_slice(&MAGIC);
         b.put_u8(self.version);
         b.put_u8(self.codecs);
-        b.put_u8(0);
+        b.put_u8(if self.checksum { FLAG_CHECKSUM } else { 0 });
         // Names are validated where they are set; clamp defensively so the length byte is right.
         let name = &self.name.as_bytes()[..self.name.len().min(MAX_NAME_LEN)];
         b.put_u8(name.len() as u8);
@@ -142,7 +148,7 @@ impl Hello {
         if version == 0 {
             return Err(HelloError::UnsupportedVersion(version));
         }
-        if flags != 0 {
+        if flags & !FLAG_CHECKSUM != 0 {
             return Err(HelloError::ReservedFlags(flags));
         }
         if comp_len > MAX_COMPRESSION_OFFERS {
@@ -182,6 +188,7 @@ impl Hello {
             heartbeat_ms,
             compression: comp.to_vec(),
             name: name.to_owned(),
+            checksum: flags & FLAG_CHECKSUM != 0,
         })
     }
 }
@@ -209,6 +216,7 @@ mod tests {
             heartbeat_ms: 10_000,
             compression: vec![],
             name: "pc2".into(),
+            checksum: false,
         }
     }
 
@@ -235,10 +243,10 @@ mod tests {
             Err(HelloError::UnsupportedVersion(0))
         ));
         let mut b = good.clone();
-        b[6] = 1;
+        b[6] = 2;
         assert!(matches!(
             Hello::decode(&b),
-            Err(HelloError::ReservedFlags(1))
+            Err(HelloError::ReservedFlags(2))
         ));
         let mut b = good.clone();
         b[7] = 0;

@@ -57,25 +57,28 @@ impl Peer {
     /// Moves every pending transmit onto `wire`, logging the decoded frames. Returns whether
     /// anything was transmitted.
     fn flush(&mut self, now: Instant, wire: &mut BytesMut) -> bool {
-        let mut bytes = BytesMut::new();
+        let mut any = false;
         while let Some(t) = self.conn.poll_transmit(now) {
-            assert_eq!(t.len(), HEADER_LEN + t.payload.len());
-            bytes.extend_from_slice(&t.header);
-            bytes.extend_from_slice(&t.payload);
+            let before = wire.len();
+            t.write_to(wire);
+            assert_eq!(wire.len() - before, t.len());
+            if let Some(trailer) = t.trailer {
+                assert_eq!(trailer, slic_proto::frame::checksum(&t.header, &t.payload));
+            }
+            let header = Header::decode(&t.header, u32::MAX)
+                .expect("the connection transmitted an invalid frame");
+            assert_eq!(
+                header.len as usize,
+                t.payload.len(),
+                "a transmit was not a whole frame"
+            );
+            self.sent.push(Frame {
+                header,
+                payload: t.payload,
+            });
+            any = true;
         }
-        if bytes.is_empty() {
-            return false;
-        }
-        wire.extend_from_slice(&bytes);
-        let mut decoder = Decoder::new(u32::MAX);
-        while let Some(frame) = decoder
-            .decode(&mut bytes)
-            .expect("the connection transmitted an invalid frame")
-        {
-            self.sent.push(frame);
-        }
-        assert!(bytes.is_empty(), "a transmit was not a whole frame");
-        true
+        any
     }
 
     /// Feeds the inbox to the connection. Returns whether any byte was consumed.
@@ -228,6 +231,7 @@ fn hello(name: &str) -> Hello {
         heartbeat_ms: 10_000,
         compression: Vec::new(),
         name: name.to_owned(),
+        checksum: false,
     }
 }
 
@@ -2435,4 +2439,86 @@ fn client_refuses_a_welcome_choosing_an_algorithm_it_did_not_offer() {
         violation_code(&client.take_events()),
         ErrorCode::HandshakeFailed
     );
+}
+
+// ----- frame checksum ------------------------------------------------------------------------
+
+fn with_checksum(name: &str, on: bool) -> Config {
+    let mut c = config(name);
+    c.checksum(on);
+    c
+}
+
+#[test]
+fn checksums_are_used_only_when_both_sides_ask() {
+    for (c, s, expect) in [
+        (true, true, true),
+        (true, false, false),
+        (false, true, false),
+        (false, false, false),
+    ] {
+        let mut pair = Pair::connected(with_checksum("c", c), with_checksum("s", s));
+        pair.client
+            .conn
+            .send_message(0, 1, CodecId::Raw, Bytes::from_static(b"hello"))
+            .unwrap();
+        pair.drive();
+        let events = pair.server.take_events();
+        assert_eq!(messages(&events).len(), 1, "{c} {s}");
+        // The message frame is followed by a trailer exactly when both asked: the wire
+        // count of the client's bytes tells.
+        let mut wire = BytesMut::new();
+        pair.client
+            .conn
+            .send_message(0, 2, CodecId::Raw, Bytes::from_static(b"again"))
+            .unwrap();
+        while let Some(t) = pair.client.conn.poll_transmit(pair.now) {
+            assert_eq!(t.trailer.is_some(), expect, "{c} {s}");
+            t.write_to(&mut wire);
+        }
+        let trailer = if expect { 4 } else { 0 };
+        assert_eq!(wire.len(), HEADER_LEN + 5 + trailer);
+        pair.server.inbox.extend_from_slice(&wire);
+        pair.drive();
+        assert_eq!(messages(&pair.server.take_events()).len(), 1);
+    }
+}
+
+#[test]
+fn a_flipped_payload_bit_is_a_corrupt_frame_and_never_delivered() {
+    let mut pair = Pair::connected(with_checksum("c", true), with_checksum("s", true));
+    pair.client
+        .conn
+        .send_message(0, 7, CodecId::Raw, Bytes::from(vec![0x3a; 1000]))
+        .unwrap();
+    let mut wire = BytesMut::new();
+    while let Some(t) = pair.client.conn.poll_transmit(pair.now) {
+        t.write_to(&mut wire);
+    }
+    wire[HEADER_LEN + 500] ^= 0x80;
+    pair.server.inbox.extend_from_slice(&wire);
+    pair.drive();
+    let events = pair.server.take_events();
+    assert!(messages(&events).is_empty(), "damaged data was delivered");
+    assert_eq!(violation_code(&events), ErrorCode::CorruptFrame);
+    assert_eq!(sent_error_code(&pair.server), ErrorCode::CorruptFrame);
+}
+
+#[test]
+fn a_flipped_message_id_bit_is_caught_too() {
+    let mut pair = Pair::connected(with_checksum("c", true), with_checksum("s", true));
+    pair.client
+        .conn
+        .send_message(0, 7, CodecId::Raw, Bytes::from_static(b"x"))
+        .unwrap();
+    let mut wire = BytesMut::new();
+    while let Some(t) = pair.client.conn.poll_transmit(pair.now) {
+        t.write_to(&mut wire);
+    }
+    wire[15] ^= 0x01; // last byte of the message id
+    pair.server.inbox.extend_from_slice(&wire);
+    pair.drive();
+    let events = pair.server.take_events();
+    assert!(messages(&events).is_empty());
+    assert_eq!(violation_code(&events), ErrorCode::CorruptFrame);
 }

@@ -298,9 +298,10 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
 
-/// Starts the task for a new connection. `establish` yields the byte stream (a TLS handshake
+/// Starts the task for a new connection, with the protocol settings of its transport. `establish` yields the byte stream (a TLS handshake
 /// may run in it); it and the slic handshake share one deadline, counted from now. `ready`
 /// hears once the handshake is done (or failed).
+#[allow(clippy::too_many_arguments)] // each is a separate fact about the new connection
 pub(crate) fn spawn<S, F>(
     node: Arc<NodeInner>,
     establish: F,
@@ -308,6 +309,7 @@ pub(crate) fn spawn<S, F>(
     side: Side,
     ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
     slot: Option<ConnectionSlot>,
+    proto: Arc<slic_proto::Config>,
 ) where
     S: Transport,
     F: Future<Output = io::Result<(S, Option<PeerIdentity>)>> + Send + 'static,
@@ -353,7 +355,7 @@ pub(crate) fn spawn<S, F>(
             },
             () = link.kill.cancelled() => return fail_early(&node, &link, ready, Error::Shutdown),
         };
-        let conn = Connection::new(node.proto.clone(), side, started.into_std());
+        let conn = Connection::new(proto, side, started.into_std());
         let driver = Driver {
             conn,
             stream,
@@ -970,6 +972,9 @@ impl OutBuf {
         } else {
             self.segs.push_back(self.tail.split().freeze());
             self.segs.push_back(t.payload);
+        }
+        if let Some(trailer) = t.trailer {
+            self.tail.extend_from_slice(&trailer);
         }
     }
 

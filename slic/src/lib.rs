@@ -71,8 +71,8 @@ pub use channel::Channel;
 pub use codec::Codec;
 pub use error::Error;
 pub use node::{
-    ChannelId, DisconnectReason, Event, Events, Message, MessageId, Messages, Node, NodeBuilder,
-    PeerId, PeerInfo, Target,
+    ChannelId, DisconnectReason, Event, Events, FrameChecksum, Message, MessageId, Messages, Node,
+    NodeBuilder, PeerId, PeerInfo, Target,
 };
 pub use resource::{MAX_RESOURCE_NAME, Request, Status};
 pub use slic_proto::{CodecId, Compression, ConnectionError, ErrorCode, Initiator};

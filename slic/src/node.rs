@@ -180,6 +180,19 @@ pub enum Event {
     Lagged(u64),
 }
 
+/// When a node asks for frame checksums; see [`NodeBuilder::frame_checksum`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FrameChecksum {
+    /// Never: rely on TCP's own checksum (weak: 16 bits, and blind to bugs in middleboxes).
+    Never,
+    /// On plain TCP connections, not on TLS ones. The default.
+    #[default]
+    PlainOnly,
+    /// On every connection.
+    Always,
+}
+
 /// Node settings that live outside the protocol core.
 #[derive(Clone, Debug)]
 pub(crate) struct Settings {
@@ -217,6 +230,7 @@ pub(crate) struct Settings {
 #[derive(Debug)]
 pub struct NodeBuilder {
     proto: slic_proto::Config,
+    checksum: FrameChecksum,
     settings: Settings,
     tls: Option<TlsConfig>,
     error: Option<Error>,
@@ -241,6 +255,7 @@ impl Default for NodeBuilder {
                 compression_threshold: 512,
             },
             proto,
+            checksum: FrameChecksum::default(),
             tls: None,
             error: None,
         }
@@ -417,6 +432,15 @@ impl NodeBuilder {
         self
     }
 
+    /// When to ask for a CRC-32 trailer on every frame, so that a frame damaged in transit
+    /// is a CORRUPT_FRAME error rather than wrong data delivered. Used when both sides ask.
+    /// Default [`FrameChecksum::PlainOnly`]: on plain TCP, not on TLS (whose records are
+    /// already authenticated).
+    pub fn frame_checksum(mut self, when: FrameChecksum) -> Self {
+        self.checksum = when;
+        self
+    }
+
     /// Compression algorithms to negotiate, most preferred first. Default: none. The side
     /// that accepts picks its most preferred algorithm that the connecting side offered; with
     /// none in common, nothing is compressed. Messages are decompressed within
@@ -462,7 +486,16 @@ impl NodeBuilder {
         let (incoming_channels_tx, incoming_channels_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let inner = Arc::new(NodeInner {
-            proto: Arc::new(self.proto),
+            proto_tls: {
+                let mut c = self.proto.clone();
+                c.checksum(self.checksum == FrameChecksum::Always);
+                Arc::new(c)
+            },
+            proto: {
+                let mut c = self.proto;
+                c.checksum(self.checksum != FrameChecksum::Never);
+                Arc::new(c)
+            },
             settings: self.settings,
             peers: Mutex::new(HashMap::new()),
             inbox_tx,
@@ -489,7 +522,10 @@ impl NodeBuilder {
 const EVENT_CAPACITY: usize = 1024;
 
 pub(crate) struct NodeInner {
+    /// Protocol settings for plain TCP connections.
     pub(crate) proto: Arc<slic_proto::Config>,
+    /// The same for TLS connections (which differ in the frame checksum only).
+    pub(crate) proto_tls: Arc<slic_proto::Config>,
     pub(crate) settings: Settings,
     peers: Mutex<HashMap<PeerId, Arc<PeerLink>>>,
     pub(crate) inbox_tx: mpsc::UnboundedSender<Delivery>,
@@ -799,6 +835,7 @@ impl Node {
                     Side::Client,
                     Some(tx),
                     None,
+                    inner.proto.clone(),
                 ),
                 Some((connector, name)) => driver::spawn(
                     inner.clone(),
@@ -814,6 +851,7 @@ impl Node {
                     Side::Client,
                     Some(tx),
                     None,
+                    inner.proto_tls.clone(),
                 ),
             }
             rx.await.map_err(|_| Error::Shutdown)?
@@ -1346,6 +1384,7 @@ async fn accept_loop(
                             Side::Server,
                             None,
                             Some(slot),
+                            node.proto.clone(),
                         ),
                         Some(acceptor) => {
                             // The TLS handshake runs in the connection's task, within the
@@ -1367,6 +1406,7 @@ async fn accept_loop(
                                 Side::Server,
                                 None,
                                 Some(slot),
+                                node.proto_tls.clone(),
                             );
                         }
                     }
