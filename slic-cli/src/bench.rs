@@ -5,7 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
-use slic::{Node, Request, Status, Target};
+use slic::{Compression, Node, Request, Status, Target, TlsConfig};
 
 use crate::{micros, runtime, step};
 
@@ -22,13 +22,22 @@ fn figures(mut v: Vec<Duration>) -> Figures {
     }
 }
 
-pub(crate) fn run(rounds: usize, size: usize, requests: usize, upload_mib: u64) -> Result<()> {
+pub(crate) fn run(
+    rounds: usize,
+    size: usize,
+    requests: usize,
+    upload_mib: u64,
+    stream_mib: usize,
+) -> Result<()> {
     if rounds == 0 || size == 0 {
         bail!("--rounds and --size must be positive");
     }
     let raw = raw_tcp_pingpong(rounds, size)?;
     let rt = runtime()?;
-    let slic = rt.block_on(slic_pingpong(rounds, size))?;
+    let slic = rt.block_on(async {
+        let (server, client) = pair(Link::Plain).await?;
+        slic_pingpong(&server, &client, rounds, size).await
+    })?;
     println!("| system | size | rounds | p50 µs | p99 µs | p50 ratio | p99 ratio |");
     println!("|---|---|---|---|---|---|---|");
     for (name, f) in [("raw blocking TCP", &raw), ("slic (tokio, TCP)", &slic)] {
@@ -47,6 +56,31 @@ pub(crate) fn run(rounds: usize, size: usize, requests: usize, upload_mib: u64) 
         for in_flight in [1, 64] {
             let rate = rt.block_on(request_rate(requests, in_flight))?;
             println!("| {in_flight} in flight | {requests} | {rate:.0} |");
+        }
+    }
+    if stream_mib > 0 {
+        println!();
+        println!(
+            "| link | {size} B round trip p50 µs | p99 µs | 1 MiB stream, compressible MB/s | \
+             incompressible MB/s |"
+        );
+        println!("|---|---|---|---|---|");
+        for link in [Link::Plain, Link::Tls, Link::TlsLz4] {
+            let (p, text, noise) = rt.block_on(async {
+                let (server, client) = pair(link).await?;
+                let p = slic_pingpong(&server, &client, rounds, size).await?;
+                let text = stream_rate(&server, &client, stream_mib, true).await?;
+                let noise = stream_rate(&server, &client, stream_mib, false).await?;
+                client.shutdown().await;
+                server.shutdown().await;
+                Ok::<_, anyhow::Error>((p, text, noise))
+            })?;
+            println!(
+                "| {} | {:.1} | {:.1} | {text:.0} | {noise:.0} |",
+                link.name(),
+                micros(p.p50),
+                micros(p.p99)
+            );
         }
     }
     if upload_mib > 0 {
@@ -208,11 +242,107 @@ fn raw_tcp_pingpong(rounds: usize, size: usize) -> Result<Figures> {
     Ok(figures(rtts))
 }
 
-async fn slic_pingpong(rounds: usize, size: usize) -> Result<Figures> {
-    let server = Node::builder().name("bench-server").build()?;
-    let addr = server.listen("127.0.0.1:0").await?;
-    let client = Node::builder().name("bench-client").build()?;
-    client.connect(addr).await?;
+/// The links the transport table compares.
+#[derive(Clone, Copy, Debug)]
+enum Link {
+    /// Plain TCP (with the default frame checksum).
+    Plain,
+    /// TLS 1.3.
+    Tls,
+    /// TLS 1.3 with lz4 compression.
+    TlsLz4,
+}
+
+impl Link {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Plain => "plain TCP",
+            Self::Tls => "TLS 1.3",
+            Self::TlsLz4 => "TLS 1.3 + lz4",
+        }
+    }
+}
+
+/// A connected server and client over `link`; TLS with a certificate made for this run.
+async fn pair(link: Link) -> Result<(Node, Node)> {
+    let mut server = Node::builder().name("bench-server");
+    let mut client = Node::builder().name("bench-client");
+    let listen = match link {
+        Link::Plain => "127.0.0.1:0",
+        Link::Tls | Link::TlsLz4 => {
+            let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()])?;
+            let cert = slic::CertificateDer::from(ck.cert.der().to_vec());
+            let key = slic::PrivateKeyDer::try_from(ck.signing_key.serialize_der())
+                .map_err(|e| anyhow::anyhow!("key: {e}"))?;
+            server = server.tls(
+                TlsConfig::builder()
+                    .identity(vec![cert.clone()], key)
+                    .build()?,
+            );
+            client = client.tls(TlsConfig::builder().trust(cert).build()?);
+            "tls://127.0.0.1:0"
+        }
+    };
+    if let Link::TlsLz4 = link {
+        server = server.compression(&[Compression::Lz4]);
+        client = client.compression(&[Compression::Lz4]);
+    }
+    let server = server.build()?;
+    let addr = server.listen(listen).await?;
+    let client = client.build()?;
+    let target = match link {
+        Link::Plain => addr.to_string(),
+        Link::Tls | Link::TlsLz4 => format!("tls://localhost:{}", addr.port()),
+    };
+    client.connect(target.as_str()).await?;
+    Ok((server, client))
+}
+
+/// MB/s at the receiver of a one-way stream of 1 MiB messages.
+async fn stream_rate(server: &Node, client: &Node, mib: usize, compressible: bool) -> Result<f64> {
+    let body: Vec<u8> = if compressible {
+        b"slic streams messages; "
+            .iter()
+            .copied()
+            .cycle()
+            .take(1 << 20)
+            .collect()
+    } else {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        (0..1 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    };
+    let body = slic::Bytes::from(body);
+    let start = Instant::now();
+    let sender = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            for _ in 0..mib {
+                client.send_bytes(Target::All, body.clone()).await?;
+            }
+            Ok::<_, slic::Error>(())
+        })
+    };
+    let mut bytes = 0usize;
+    for _ in 0..mib {
+        bytes += step("stream receive", server.receive()).await?.body.len();
+    }
+    sender.await??;
+    Ok(bytes as f64 / start.elapsed().as_secs_f64() / 1e6)
+}
+
+async fn slic_pingpong(
+    server: &Node,
+    client: &Node,
+    rounds: usize,
+    size: usize,
+) -> Result<Figures> {
     let total = rounds + rounds / 10;
     let echo = {
         let server = server.clone();
@@ -235,7 +365,5 @@ async fn slic_pingpong(rounds: usize, size: usize) -> Result<Figures> {
         }
     }
     echo.await??;
-    client.shutdown().await;
-    server.shutdown().await;
     Ok(figures(rtts))
 }

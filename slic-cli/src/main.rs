@@ -134,6 +134,9 @@ enum Command {
         /// Size of the upload figure's file in MiB (0 skips it).
         #[arg(long, default_value_t = 200)]
         upload_mib: u64,
+        /// 1 MiB messages per stream in the plain/TLS/TLS+lz4 table (0 skips it).
+        #[arg(long, default_value_t = 256)]
+        stream_mib: usize,
     },
 }
 
@@ -153,7 +156,8 @@ fn main() {
             size,
             requests,
             upload_mib,
-        } => bench::run(rounds, size, requests, upload_mib),
+            stream_mib,
+        } => bench::run(rounds, size, requests, upload_mib, stream_mib),
         Command::Serve {
             listen,
             upload_dir,

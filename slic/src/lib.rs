@@ -75,6 +75,8 @@ pub use node::{
     NodeBuilder, PeerId, PeerInfo, Target,
 };
 pub use resource::{MAX_RESOURCE_NAME, Request, Status};
+/// Certificate and key types of the TLS settings, re-exported from rustls.
+pub use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 pub use slic_proto::{CodecId, Compression, ConnectionError, ErrorCode, Initiator};
 pub use tls::{
     DangerousTlsConfigBuilder, Endpoint, PeerIdentity, TlsConfig, TlsConfigBuilder, ToEndpoint,
