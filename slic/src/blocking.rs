@@ -172,6 +172,97 @@ impl Node {
     pub fn shutdown(&self) {
         self.rt.block_on(self.node.shutdown());
     }
+
+    /// See [`crate::Node::events`]; [`Events::recv`] blocks.
+    pub fn events(&self) -> Events {
+        Events {
+            events: self.node.events(),
+            rt: self.rt.handle().clone(),
+        }
+    }
+
+    /// See [`crate::Node::create_resource`]. The handler is async and runs on this node's
+    /// runtime.
+    ///
+    /// # Errors
+    ///
+    /// As the async version.
+    pub fn create_resource<T, R, F, Fut>(&self, name: &str, handler: F) -> Result<(), Error>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+        R: Serialize + Send + 'static,
+        F: Fn(crate::Request<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<R, crate::Status>> + Send + 'static,
+    {
+        self.node.create_resource(name, handler)
+    }
+
+    /// See [`crate::Node::get_resource`].
+    ///
+    /// # Errors
+    ///
+    /// As the async version.
+    pub fn get_resource<T, R>(&self, name: &str, body: &T) -> Result<R, Error>
+    where
+        T: Serialize + ?Sized,
+        R: serde::de::DeserializeOwned,
+    {
+        self.rt.block_on(self.node.get_resource(name, body))
+    }
+
+    /// See [`crate::Node::get_resource_from`].
+    ///
+    /// # Errors
+    ///
+    /// As the async version.
+    pub fn get_resource_from<T, R>(&self, peer: PeerId, name: &str, body: &T) -> Result<R, Error>
+    where
+        T: Serialize + ?Sized,
+        R: serde::de::DeserializeOwned,
+    {
+        self.rt
+            .block_on(self.node.get_resource_from(peer, name, body))
+    }
+
+    /// See [`crate::Node::create_upload_resource`].
+    ///
+    /// # Errors
+    ///
+    /// As the async version.
+    pub fn create_upload_resource(
+        &self,
+        name: &str,
+        dir: impl AsRef<std::path::Path>,
+    ) -> Result<(), Error> {
+        self.node.create_upload_resource(name, dir)
+    }
+
+    /// See [`crate::Node::upload_resource`].
+    ///
+    /// # Errors
+    ///
+    /// As the async version.
+    pub fn upload_resource(
+        &self,
+        name: &str,
+        path: impl AsRef<std::path::Path>,
+    ) -> Result<crate::StoredFile, Error> {
+        self.rt.block_on(self.node.upload_resource(name, path))
+    }
+}
+
+/// Connection events, received by blocking; from [`Node::events`].
+#[derive(Debug)]
+pub struct Events {
+    events: crate::Events,
+    rt: tokio::runtime::Handle,
+}
+
+impl Events {
+    /// Blocks for the next event; `None` once the node is gone.
+    pub fn recv(&mut self) -> Option<crate::Event> {
+        self.rt.block_on(self.events.recv())
+    }
 }
 
 /// A [`crate::Channel`] with blocking calls.

@@ -150,3 +150,45 @@ fn channels_try_send_and_try_receive() {
     client.shutdown();
     server.shutdown();
 }
+
+#[test]
+fn the_blocking_node_serves_and_calls_resources_uploads_and_reports_events() {
+    let server = blocking::Node::new(builder("hub")).unwrap();
+    server
+        .create_resource(":add", |req: slic::Request<i64>| async move {
+            Ok::<_, slic::Status>(req.body + 1)
+        })
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("slic-blocking-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("store")).unwrap();
+    server
+        .create_upload_resource(":upload", dir.join("store"))
+        .unwrap();
+    let mut events = server.events();
+    let addr = server.listen("127.0.0.1:0").unwrap();
+
+    let client = blocking::Node::new(builder("pc2").request_timeout(STEP)).unwrap();
+    client.connect(addr).unwrap();
+    match events.recv() {
+        Some(slic::Event::PeerConnected(p)) => assert_eq!(&*p.name, "pc2"),
+        other => panic!("expected PeerConnected, got {other:?}"),
+    }
+    let answer: i64 = client.get_resource(":add", &10i64).unwrap();
+    assert_eq!(answer, 11);
+    assert!(matches!(
+        client.get_resource::<_, i64>(":nope", &1i64),
+        Err(slic::Error::Status(slic::Status::NotFound(_)))
+    ));
+    let src = dir.join("notes.txt");
+    std::fs::write(&src, b"written without a runtime").unwrap();
+    let stored = client.upload_resource(":upload", &src).unwrap();
+    assert_eq!(stored.size, 25);
+    assert_eq!(
+        std::fs::read(dir.join("store").join("notes.txt")).unwrap(),
+        b"written without a runtime"
+    );
+    client.shutdown();
+    server.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
