@@ -50,15 +50,7 @@ const COMMAND_BUDGET: usize = 256;
 const LINGER: Duration = Duration::from_secs(2);
 
 pub(crate) enum Command {
-    Send {
-        compressed: bool,
-        kind: Kind,
-        channel: u32,
-        id: u64,
-        codec: CodecId,
-        payload: Bytes,
-        permits: usize,
-    },
+    Send(Outgoing),
     Open(&'static str, oneshot::Sender<Result<Channel, Error>>),
     /// A handler finished the request with this id.
     Respond {
@@ -196,45 +188,56 @@ impl PeerLink {
         codec: CodecId,
         payload: Bytes,
     ) -> Result<(), Error> {
+        let out = self.prepare(kind, channel, id, codec, payload)?;
+        self.submit(out).await
+    }
+
+    /// Checks, compresses and sizes a message for this peer: the part of queueing that does
+    /// not depend on room in the send buffer, done once however often the caller retries.
+    pub(crate) fn prepare(
+        &self,
+        kind: Kind,
+        channel: u32,
+        id: u64,
+        codec: CodecId,
+        payload: Bytes,
+    ) -> Result<Outgoing, Error> {
         self.check(codec, payload.len())?;
         let (payload, compressed) = self.maybe_compress(payload);
-        let permits = self.permits_for(payload.len());
+        Ok(Outgoing {
+            peer: self.info.id.0,
+            permits: self.permits_for(payload.len()),
+            compressed,
+            kind,
+            channel,
+            id,
+            codec,
+            payload,
+        })
+    }
+
+    /// Queues a prepared message, waiting while the peer's send buffer is full.
+    pub(crate) async fn submit(&self, out: Outgoing) -> Result<(), Error> {
         let acquired = self
             .sem
-            .acquire_many(permits as u32)
+            .acquire_many(out.permits as u32)
             .await
             .map_err(|_| Error::UnknownPeer(self.info.id))?;
         acquired.forget();
-        self.push(compressed, kind, channel, id, codec, payload, permits)
+        self.push(out)
     }
 
-    /// Queues a message, failing with [`Error::Full`] instead of waiting.
-    pub(crate) fn try_enqueue(
-        &self,
-        channel: u32,
-        id: MessageId,
-        codec: CodecId,
-        payload: Bytes,
-    ) -> Result<(), Error> {
-        self.check(codec, payload.len())?;
-        let (payload, compressed) = self.maybe_compress(payload);
-        let permits = self.permits_for(payload.len());
-        match self.sem.try_acquire_many(permits as u32) {
+    /// Queues a prepared message if the send buffer has room now; otherwise hands it back.
+    pub(crate) fn try_submit(&self, out: Outgoing) -> Result<(), TrySubmitError> {
+        match self.sem.try_acquire_many(out.permits as u32) {
             Ok(p) => p.forget(),
-            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(Error::Full(self.info.id)),
+            Err(tokio::sync::TryAcquireError::NoPermits) => return Err(TrySubmitError::Full(out)),
             Err(tokio::sync::TryAcquireError::Closed) => {
-                return Err(Error::UnknownPeer(self.info.id));
+                return Err(TrySubmitError::Gone(self.info.id));
             }
         }
-        self.push(
-            compressed,
-            Kind::Message,
-            channel,
-            id.0,
-            codec,
-            payload,
-            permits,
-        )
+        self.push(out)
+            .map_err(|_| TrySubmitError::Gone(self.info.id))
     }
 
     /// Compresses a payload at or above the threshold when the connection negotiated an
@@ -268,29 +271,43 @@ impl PeerLink {
         (len + HEADER_LEN).min(self.buffer_cap)
     }
 
-    #[allow(clippy::too_many_arguments)] // one per field of the command it builds
-    fn push(
-        &self,
-        compressed: bool,
-        kind: Kind,
-        channel: u32,
-        id: u64,
-        codec: CodecId,
-        payload: Bytes,
-        permits: usize,
-    ) -> Result<(), Error> {
+    fn push(&self, out: Outgoing) -> Result<(), Error> {
         self.cmd
-            .send(Command::Send {
-                compressed,
-                kind,
-                channel,
-                id,
-                codec,
-                payload,
-                permits,
-            })
+            .send(Command::Send(out))
             .map_err(|_| Error::UnknownPeer(self.info.id))
     }
+}
+
+/// Why [`PeerLink::try_submit`] did not queue a message.
+#[derive(Debug)]
+pub(crate) enum TrySubmitError {
+    /// The send buffer is full: here is the message back, to wait with.
+    Full(Outgoing),
+    /// The connection is gone.
+    Gone(PeerId),
+}
+
+impl From<TrySubmitError> for Error {
+    fn from(e: TrySubmitError) -> Self {
+        match e {
+            TrySubmitError::Full(out) => Self::Full(PeerId(out.peer)),
+            TrySubmitError::Gone(p) => Self::UnknownPeer(p),
+        }
+    }
+}
+
+/// A message ready for one peer's connection task: checked, compressed if worthwhile, with
+/// the send-buffer permits it holds once queued.
+#[derive(Debug)]
+pub(crate) struct Outgoing {
+    peer: u64,
+    compressed: bool,
+    kind: Kind,
+    channel: u32,
+    id: u64,
+    codec: CodecId,
+    payload: Bytes,
+    permits: usize,
 }
 
 /// The byte streams a connection can run over (TCP, TLS, ...).
@@ -298,8 +315,8 @@ pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
 
-/// Starts the task for a new connection, with the protocol settings of its transport. `establish` yields the byte stream (a TLS handshake
-/// may run in it); it and the slic handshake share one deadline, counted from now. `ready`
+/// Starts the task for a new connection, with the protocol settings of its transport.
+/// `establish` yields the byte stream (a TLS handshake may run in it); it and the slic handshake share one deadline, counted from now. `ready`
 /// hears once the handshake is done (or failed).
 #[allow(clippy::too_many_arguments)] // each is a separate fact about the new connection
 pub(crate) fn spawn<S, F>(
@@ -577,7 +594,8 @@ impl<S: Transport> Driver<S> {
 
     fn command(&mut self, cmd: Command) {
         match cmd {
-            Command::Send {
+            Command::Send(Outgoing {
+                peer: _,
                 compressed,
                 kind,
                 channel,
@@ -585,7 +603,7 @@ impl<S: Transport> Driver<S> {
                 codec,
                 payload,
                 permits,
-            } => {
+            }) => {
                 self.held += permits;
                 let sent = self
                     .conn

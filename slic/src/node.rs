@@ -15,7 +15,7 @@ use bytes::Bytes;
 use futures_core::Stream;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use slic_proto::{CodecId, Compression, ConnectionError, Initiator, Side};
+use slic_proto::{CodecId, Compression, ConnectionError, Initiator, Kind, Side};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::channel::Channel;
 use crate::codec::{self, Codec};
-use crate::driver::{self, Command, Delivery, PeerLink};
+use crate::driver::{self, Command, Delivery, PeerLink, TrySubmitError};
 use crate::error::Error;
 use crate::resource::{self, Registry, Request, Status};
 use crate::tls::{self, PeerIdentity, Scheme, TlsConfig, ToEndpoint};
@@ -921,15 +921,15 @@ impl Node {
         let mut delivered = 0usize;
         let mut gone = None;
         for link in links {
-            match link.try_enqueue(0, id, codec, payload.clone()) {
+            let out = link.prepare(Kind::Message, 0, id.0, codec, payload.clone())?;
+            match link.try_submit(out) {
                 Ok(()) => delivered += 1,
-                Err(Error::Full(_)) => full.push(link),
-                Err(Error::UnknownPeer(p)) => gone = Some(p),
-                Err(e) => return Err(e),
+                Err(TrySubmitError::Full(out)) => full.push((link, out)),
+                Err(TrySubmitError::Gone(p)) => gone = Some(p),
             }
         }
-        for link in full {
-            match link.enqueue(0, id, codec, payload.clone()).await {
+        for (link, out) in full {
+            match link.submit(out).await {
                 Ok(()) => delivered += 1,
                 Err(Error::UnknownPeer(p)) => gone = Some(p),
                 Err(e) => return Err(e),
@@ -960,7 +960,8 @@ impl Node {
         let links = inner.targets(&target)?;
         let id = inner.next_message_id();
         for link in links {
-            link.try_enqueue(0, id, codec.id(), payload.clone())?;
+            let out = link.prepare(Kind::Message, 0, id.0, codec.id(), payload.clone())?;
+            link.try_submit(out)?;
         }
         Ok(id)
     }
