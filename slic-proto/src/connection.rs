@@ -25,7 +25,7 @@ pub const MAX_LABEL_LEN: usize = 255;
 /// Longest GOAWAY/ERROR reason sent or kept, in bytes.
 const MAX_REASON_LEN: usize = 256;
 
-/// Cost of a MESSAGE frame against the flow-control windows (PROTOCOL.md, "Flow control").
+/// Cost of a data frame (MESSAGE, REQUEST, RESPONSE) against the flow-control windows (PROTOCOL.md, "Flow control").
 fn frame_cost(payload_len: usize) -> u32 {
     // Payloads are bounded by max_frame_size (<= 16 MiB), so this fits in u32.
     u32::try_from(HEADER_LEN + payload_len).unwrap_or(u32::MAX)
@@ -690,7 +690,8 @@ impl Connection {
             };
             self.last_recv = now;
             self.stats.frames_received += 1;
-            self.stats.bytes_received += (HEADER_LEN + frame.payload.len()) as u64;
+            let trailer = if self.checksum { CHECKSUM_LEN } else { 0 };
+            self.stats.bytes_received += (HEADER_LEN + frame.payload.len() + trailer) as u64;
             if let Err((code, reason)) = self.handle_frame(now, frame) {
                 buf.clear();
                 return Err(self.violation(code, reason));

@@ -39,9 +39,9 @@ pub enum FrameType {
     Welcome = 2,
     /// One fragment (or the whole) of an application message.
     Message = 3,
-    /// Reserved: request to a named resource.
+    /// A request to a named resource.
     Request = 4,
-    /// Reserved: response to a request.
+    /// The response to a request.
     Response = 5,
     /// Reserved: message acknowledgement.
     Ack = 6,
@@ -59,7 +59,7 @@ pub enum FrameType {
     GoAway = 12,
     /// Fatal protocol error.
     Error = 13,
-    /// Reserved: request cancellation.
+    /// Cancels a request.
     Cancel = 14,
 }
 

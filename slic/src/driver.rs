@@ -53,9 +53,12 @@ pub(crate) enum Command {
     Send(Outgoing),
     Open(&'static str, oneshot::Sender<Result<Channel, Error>>),
     /// A handler finished the request with this id.
+    /// An encoded (and, when worthwhile, compressed) response.
     Respond {
         id: u64,
-        reply: Reply,
+        codec: CodecId,
+        payload: Bytes,
+        compressed: bool,
     },
     /// This side gave up on its request with this id.
     Cancel(u64),
@@ -620,10 +623,15 @@ impl<S: Transport> Driver<S> {
                 let _ = reply.send(result.map_err(Error::from));
             }
             Command::CloseChannel(ch) => self.conn.close_channel(ch),
-            Command::Respond { id, reply } => {
+            Command::Respond {
+                id,
+                codec,
+                payload,
+                compressed,
+            } => {
                 // A cancelled request is no longer in `serving`: its answer is not wanted.
                 if self.serving.remove(&id).is_some() {
-                    self.respond(id, &reply);
+                    self.send_response(id, codec, payload, compressed);
                 }
             }
             Command::Cancel(id) => self.conn.cancel_request(id),
@@ -721,8 +729,11 @@ impl<S: Transport> Driver<S> {
                         Some(tx) => {
                             let _ = tx.send(reply);
                         }
-                        // An id never handed out: the peer answers a request nobody sent.
-                        None if m.id >= self.link.next_request.load(Ordering::Relaxed) => {
+                        // An id never handed out (ids start at 1): the peer answers a request
+                        // nobody sent.
+                        None if m.id == 0
+                            || m.id >= self.link.next_request.load(Ordering::Relaxed) =>
+                        {
                             self.conn.abort(
                                 ErrorCode::ProtocolError,
                                 "response to a request never sent",
@@ -801,7 +812,14 @@ impl<S: Transport> Driver<S> {
 
     fn respond(&mut self, id: u64, reply: &Reply) {
         let (codec, payload) = resource::encode_response(reply);
-        match self.conn.send(Kind::Response, 0, id, codec, payload) {
+        self.send_response(id, codec, payload, false);
+    }
+
+    fn send_response(&mut self, id: u64, codec: CodecId, payload: Bytes, compressed: bool) {
+        let sent = self
+            .conn
+            .send_compressed(Kind::Response, 0, id, codec, payload, compressed);
+        match sent {
             Ok(()) => {}
             // The caller must not wait for its timeout because the reply cannot travel: tell
             // it why instead (a status has no body, so this one always fits).
@@ -840,14 +858,22 @@ impl<S: Transport> Driver<S> {
             body,
         ));
         self.serving.insert(id, work.abort_handle());
-        let cmd = self.link.cmd.clone();
+        let link = self.link.clone();
         self.node.tracker.spawn(async move {
             let reply = match work.await {
                 Ok(reply) => reply,
                 Err(e) if e.is_panic() => Err(Status::Internal("handler panicked".into())),
                 Err(_) => return, // aborted: cancelled or connection gone
             };
-            let _ = cmd.send(Command::Respond { id, reply });
+            // Encode and compress here, in the handler's task, not the connection's.
+            let (codec, payload) = resource::encode_response(&reply);
+            let (payload, compressed) = link.maybe_compress(payload);
+            let _ = link.cmd.send(Command::Respond {
+                id,
+                codec,
+                payload,
+                compressed,
+            });
         });
     }
 
