@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::wire::{self, HELLO, expect_closed, read_error};
+use common::wire::{self, HELLO, expect_closed, raw_connect, raw_handshake, read_error};
 use common::{builder, peer_named, shutdown_all, start_client, start_server, wait_event, within};
 use slic::{Event, Node, PeerId, Target};
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 // Error codes of PROTOCOL.md section 13.
 const UNSUPPORTED_VERSION: u32 = 2;
@@ -46,12 +45,6 @@ async fn round_trip(server: &Node, good: &Node, peer: PeerId, n: u32) {
     .unwrap();
     let r = within("good receive", good.receive()).await.unwrap();
     assert_eq!(r.decode::<u32>().unwrap(), n + 1);
-}
-
-async fn raw_connect(addr: SocketAddr) -> TcpStream {
-    within("raw connect", TcpStream::connect(addr))
-        .await
-        .expect("raw connect")
 }
 
 /// Sends `bytes` on a fresh raw connection and expects ERROR `code`, then the close.
@@ -176,17 +169,6 @@ async fn hostile_clients_do_not_disturb_a_good_client_that_keeps_talking() {
     assert_eq!(server.peers().len(), 1, "only the good client is a peer");
     assert_eq!(good.peers().len(), 1, "the good client is still connected");
     shutdown_all(&[&good, &server]).await;
-}
-
-/// Completes a handshake by hand and returns the socket, open on both sides.
-async fn raw_handshake(addr: SocketAddr, name: &[u8]) -> TcpStream {
-    let mut s = raw_connect(addr).await;
-    let hello = wire::handshake_frame(HELLO, *b"SLIC", name);
-    within("write HELLO", s.write_all(&hello)).await.unwrap();
-    let (h, p) = wire::read_frame(&mut s).await;
-    assert_eq!(h.ty, wire::WELCOME, "{h:?}");
-    assert_eq!(&p[..4], b"SLIC");
-    s
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -107,15 +107,26 @@ pub(crate) async fn shutdown_all(nodes: &[&Node]) {
 /// Hand-built frames and a frame reader for tests that speak the wire format directly
 /// (PROTOCOL.md sections 2, 3 and 5).
 pub(crate) mod wire {
-    use tokio::io::{AsyncRead, AsyncReadExt};
+    use std::net::SocketAddr;
+
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     use super::within;
 
     pub(crate) const HELLO: u8 = 1;
     pub(crate) const WELCOME: u8 = 2;
     pub(crate) const MESSAGE: u8 = 3;
+    pub(crate) const REQUEST: u8 = 4;
+    pub(crate) const RESPONSE: u8 = 5;
+    pub(crate) const CHANNEL_OPEN: u8 = 7;
+    pub(crate) const CHANNEL_CLOSE: u8 = 8;
+    pub(crate) const WINDOW_UPDATE: u8 = 9;
+    pub(crate) const PING: u8 = 10;
+    pub(crate) const PONG: u8 = 11;
     pub(crate) const GOAWAY: u8 = 12;
     pub(crate) const ERROR: u8 = 13;
+    pub(crate) const CANCEL: u8 = 14;
 
     /// A decoded 20-byte frame header.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +149,23 @@ pub(crate) mod wire {
         h[8..16].copy_from_slice(&id.to_be_bytes());
         h[16..20].copy_from_slice(&len.to_be_bytes());
         h
+    }
+
+    /// A whole frame: a header with the given flags and codec bytes, then `payload`.
+    pub(crate) fn frame(
+        ty: u8,
+        flags: u8,
+        codec: u8,
+        channel: u32,
+        id: u64,
+        payload: &[u8],
+    ) -> Vec<u8> {
+        let len = u32::try_from(payload.len()).expect("payload of at most 4 GiB");
+        let mut f = header(ty, channel, id, len).to_vec();
+        f[2] = flags;
+        f[3] = codec;
+        f.extend_from_slice(payload);
+        f
     }
 
     /// A HELLO/WELCOME payload (section 5) with the given magic and name, codecs raw to
@@ -219,5 +247,23 @@ pub(crate) mod wire {
                 &buf[..n]
             ),
         }
+    }
+
+    /// A raw TCP connection to `addr`, within the step timeout.
+    pub(crate) async fn raw_connect(addr: SocketAddr) -> TcpStream {
+        within("raw connect", TcpStream::connect(addr))
+            .await
+            .expect("raw connect")
+    }
+
+    /// Completes a handshake by hand and returns the socket, open on both sides.
+    pub(crate) async fn raw_handshake(addr: SocketAddr, name: &[u8]) -> TcpStream {
+        let mut s = raw_connect(addr).await;
+        let hello = handshake_frame(HELLO, *b"SLIC", name);
+        within("write HELLO", s.write_all(&hello)).await.unwrap();
+        let (h, p) = read_frame(&mut s).await;
+        assert_eq!(h.ty, WELCOME, "{h:?}");
+        assert_eq!(&p[..4], b"SLIC");
+        s
     }
 }
