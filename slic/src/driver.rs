@@ -466,6 +466,7 @@ impl<S: Transport> Driver<S> {
         };
         self.link.sem.close();
         self.sinks.clear();
+        self.node.forget_channels_of(self.link.info.id);
         // Callers waiting for a response learn that the connection is gone; handlers still
         // running for the peer are stopped, nobody would read their answer.
         lock(&self.link.pending).clear();
@@ -788,9 +789,7 @@ impl<S: Transport> Driver<S> {
                         channel: ChannelId(channel),
                         initiator: Initiator::Remote,
                     });
-                    if let Err(e) = self.node.incoming_channels_tx.send(ch) {
-                        drop(e);
-                    }
+                    self.node.offer_channel(ch);
                 }
                 ProtoEvent::ChannelClosed { channel, initiator } => {
                     self.sinks.remove(&channel);

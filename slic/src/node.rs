@@ -206,6 +206,7 @@ pub(crate) struct Settings {
     pub(crate) max_requests_in_flight: usize,
     pub(crate) max_connections: usize,
     pub(crate) max_connections_per_ip: usize,
+    pub(crate) max_pending_channels: usize,
     pub(crate) slow_consumer_timeout: Option<Duration>,
     pub(crate) compression_threshold: usize,
 }
@@ -251,6 +252,7 @@ impl Default for NodeBuilder {
                 max_requests_in_flight: 1024,
                 max_connections: 10_000,
                 max_connections_per_ip: 256,
+                max_pending_channels: 1024,
                 slow_consumer_timeout: Some(Duration::from_secs(30)),
                 compression_threshold: 512,
             },
@@ -410,6 +412,19 @@ impl NodeBuilder {
         self
     }
 
+    /// Most channels opened by peers and not yet taken with [`Node::accept_channel`], over
+    /// all connections. Default 1024; further channels are closed at once (the opener sees
+    /// them closed). A connection that ends takes its unaccepted channels with it.
+    ///
+    /// # DoS mitigation
+    ///
+    /// A node that never accepts channels would otherwise keep every channel (and what it
+    /// buffered) of every peer that opened some.
+    pub fn max_pending_channels(mut self, n: usize) -> Self {
+        self.settings.max_pending_channels = n;
+        self
+    }
+
     /// How long a peer may keep its send buffer (`buffer_cap`) full before it is
     /// disconnected as a slow consumer. Default 30 s.
     ///
@@ -483,7 +498,6 @@ impl NodeBuilder {
             self.record(r);
         }
         let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
-        let (incoming_channels_tx, incoming_channels_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let inner = Arc::new(NodeInner {
             proto_tls: {
@@ -500,8 +514,8 @@ impl NodeBuilder {
             peers: Mutex::new(HashMap::new()),
             inbox_tx,
             inbox_rx: tokio::sync::Mutex::new(inbox_rx),
-            incoming_channels_tx,
-            incoming_channels_rx: tokio::sync::Mutex::new(incoming_channels_rx),
+            pending_channels: Mutex::new(std::collections::VecDeque::new()),
+            pending_notify: tokio::sync::Notify::new(),
             events,
             next_peer: AtomicU64::new(1),
             next_message: AtomicU64::new(1),
@@ -530,8 +544,9 @@ pub(crate) struct NodeInner {
     peers: Mutex<HashMap<PeerId, Arc<PeerLink>>>,
     pub(crate) inbox_tx: mpsc::UnboundedSender<Delivery>,
     inbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Delivery>>,
-    pub(crate) incoming_channels_tx: mpsc::UnboundedSender<Channel>,
-    incoming_channels_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Channel>>,
+    /// Channels opened by peers and not yet accepted, oldest first.
+    pending_channels: Mutex<std::collections::VecDeque<Channel>>,
+    pending_notify: tokio::sync::Notify,
     events: broadcast::Sender<Event>,
     next_peer: AtomicU64,
     next_message: AtomicU64,
@@ -616,6 +631,40 @@ impl NodeInner {
             node: self.clone(),
             ip,
         })
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Channel>> {
+        // Held only to push, pop or filter; a poisoned queue is still a valid queue.
+        self.pending_channels
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a channel a peer opened for [`Node::accept_channel`]; past
+    /// `max_pending_channels` the channel is dropped, which closes it (the opener sees it
+    /// closed), so a node that never accepts holds a bounded number.
+    pub(crate) fn offer_channel(&self, ch: Channel) {
+        let mut q = self.pending();
+        if q.len() >= self.settings.max_pending_channels {
+            drop(q);
+            debug!(peer = %ch.peer().id, channel = %ch.id(), "accept queue full: closing channel");
+            return;
+        }
+        q.push_back(ch);
+        drop(q);
+        self.pending_notify.notify_one();
+    }
+
+    /// Forgets the unaccepted channels of a connection that ended, with what they buffered.
+    pub(crate) fn forget_channels_of(&self, peer: PeerId) {
+        let gone: std::collections::VecDeque<Channel> = {
+            let mut q = self.pending();
+            let (gone, keep) = q.drain(..).partition(|c| c.peer().id == peer);
+            *q = keep;
+            gone
+        };
+        // Dropped outside the lock: a channel's drop sends its close command.
+        drop(gone);
     }
 
     pub(crate) fn upload_target(&self, name: &str) -> Option<Arc<UploadTarget>> {
@@ -1064,10 +1113,15 @@ impl Node {
     /// [`Error::Shutdown`] once the node is shut down.
     pub async fn accept_channel(&self) -> Result<Channel, Error> {
         let inner = self.inner();
-        let mut rx = inner.incoming_channels_rx.lock().await;
-        tokio::select! {
-            ch = rx.recv() => ch.ok_or(Error::Shutdown),
-            () = inner.shutdown.cancelled() => Err(Error::Shutdown),
+        // Bounded by the node's lifetime: each round either returns or waits for a push.
+        loop {
+            if let Some(ch) = inner.pending().pop_front() {
+                return Ok(ch);
+            }
+            tokio::select! {
+                () = inner.pending_notify.notified() => {}
+                () = inner.shutdown.cancelled() => return Err(Error::Shutdown),
+            }
         }
     }
 

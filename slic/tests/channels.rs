@@ -294,3 +294,40 @@ async fn the_accepting_side_that_closes_a_channel_sees_it_closed_too() {
     ));
     shutdown_all(&[&client, &server]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channels_past_the_accept_queue_limit_are_closed_and_the_rest_wait_to_be_accepted() {
+    let (server, addr) = start_server(builder("hub").max_pending_channels(3)).await;
+    let (client, peer) = start_client(builder("pc2"), addr).await;
+    let mut opened = Vec::new();
+    for _ in 0..5 {
+        opened.push(within("open", client.open_channel(peer)).await.unwrap());
+    }
+    // The last two did not fit in the queue: the server closed them, and the opener sees it.
+    for ch in &opened[3..] {
+        assert!(
+            matches!(
+                within("closed", ch.receive()).await,
+                Err(slic::Error::ChannelClosed(_))
+            ),
+            "channel {} should have been refused",
+            ch.id()
+        );
+    }
+    // The first three wait, in order, and work once accepted.
+    for ch in &opened[..3] {
+        ch.send(&ch.id().0).await.unwrap();
+        let theirs = within("accept", server.accept_channel()).await.unwrap();
+        assert_eq!(theirs.id(), ch.id());
+        assert_eq!(receive_on(&theirs).await, ch.id().0);
+    }
+    shutdown_all(&[&client, &server]).await;
+}
+
+async fn receive_on(ch: &Channel) -> u32 {
+    within("channel receive", ch.receive())
+        .await
+        .unwrap()
+        .decode()
+        .unwrap()
+}

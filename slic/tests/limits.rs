@@ -1501,7 +1501,6 @@ fn two_peers_writing_large_messages_at_each_other_through_tiny_buffers_both_comp
 /// accept queue (drop the unaccepted channels of a closed connection, or bound the queue and
 /// refuse past it).
 #[test]
-#[ignore = "known issue: unaccepted channels of closed connections are kept forever"]
 fn a_node_that_never_accepts_channels_does_not_keep_those_of_closed_connections() {
     const ROUNDS: u32 = 5;
     const LIMIT: isize = 256 << 10;
