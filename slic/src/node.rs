@@ -433,6 +433,8 @@ impl NodeBuilder {
     /// A peer that stops reading would otherwise hold `buffer_cap` bytes and stall every
     /// `send` to [`Target::All`] forever; with the cut-off, the other peers keep receiving.
     /// `None` turns the cut-off off: then a reader that never reads blocks senders forever.
+    /// Keep it well above the time a healthy reader needs to consume half its
+    /// `channel_window` (credit returns in such steps), or busy readers get cut too.
     pub fn slow_consumer_timeout(mut self, timeout: Option<Duration>) -> Self {
         self.settings.slow_consumer_timeout = timeout;
         self
