@@ -1,0 +1,10 @@
+//! `handshake_client`: see slic-proto/tests/fuzz_checks/mod.rs, which holds the checks so that
+//! `cargo test -p slic-proto --test corpus` replays fuzz/corpus/handshake_client through the same code.
+#![no_main]
+
+#[path = "../../slic-proto/tests/fuzz_checks/mod.rs"]
+mod fuzz_checks;
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    fuzz_checks::check_handshake(slic_proto::Side::Client, data);
+});
