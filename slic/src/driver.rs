@@ -80,7 +80,7 @@ pub(crate) struct CreditReturn {
 impl CreditReturn {
     pub(crate) fn consume(&self, credit: u32) {
         let before = self.pending.fetch_add(credit, Ordering::AcqRel);
-        if before < self.threshold && before + credit >= self.threshold {
+        if before < self.threshold && before.saturating_add(credit) >= self.threshold {
             let _ = self.cmd.send(Command::Release(self.channel));
         }
     }
@@ -107,8 +107,10 @@ pub(crate) struct PeerLink {
     pub(crate) cmd: mpsc::UnboundedSender<Command>,
     sem: Arc<Semaphore>,
     buffer_cap: usize,
-    pub(crate) codecs: AtomicU32,
-    pub(crate) max_message: AtomicU32,
+    /// The peer's handshake limits (set when the link is rebuilt at the handshake; zero
+    /// before, so nothing can be queued on a link that has not completed it).
+    codecs: u8,
+    max_message: u32,
     /// Negotiated compression, and the payload size from which it applies.
     compression: Option<Compression>,
     compression_threshold: usize,
@@ -259,11 +261,11 @@ impl PeerLink {
     }
 
     fn check(&self, codec: CodecId, len: usize) -> Result<(), Error> {
-        let max = self.max_message.load(Ordering::Relaxed);
+        let max = self.max_message;
         if len > max as usize {
             return Err(Error::MessageTooLarge { len, max });
         }
-        if self.codecs.load(Ordering::Relaxed) & u32::from(codec.mask_bit()) == 0 {
+        if self.codecs & codec.mask_bit() == 0 {
             return Err(Error::CodecRefused(codec));
         }
         Ok(())
@@ -347,8 +349,8 @@ pub(crate) fn spawn<S, F>(
         cmd: cmd_tx,
         sem: Arc::new(Semaphore::new(buffer_cap)),
         buffer_cap,
-        codecs: AtomicU32::new(0),
-        max_message: AtomicU32::new(0),
+        codecs: 0,
+        max_message: 0,
         compression: None,
         compression_threshold: node.settings.compression_threshold,
         done: CancellationToken::new(),
@@ -887,8 +889,8 @@ impl<S: Transport> Driver<S> {
             cmd: self.link.cmd.clone(),
             sem: self.link.sem.clone(),
             buffer_cap: self.link.buffer_cap,
-            codecs: AtomicU32::new(u32::from(hello.codecs)),
-            max_message: AtomicU32::new(hello.max_message_size),
+            codecs: hello.codecs,
+            max_message: hello.max_message_size,
             compression: self.conn.compression(),
             compression_threshold: self.link.compression_threshold,
             done: self.link.done.clone(),
