@@ -193,7 +193,14 @@ impl PeerLink {
         codec: CodecId,
         payload: Bytes,
     ) -> Result<(), Error> {
-        let out = self.prepare(kind, channel, id, codec, payload)?;
+        let out = self.prepare(
+            kind,
+            channel,
+            id,
+            codec,
+            payload,
+            &mut CompressMemo::default(),
+        )?;
         self.submit(out).await
     }
 
@@ -206,9 +213,10 @@ impl PeerLink {
         id: u64,
         codec: CodecId,
         payload: Bytes,
+        memo: &mut CompressMemo,
     ) -> Result<Outgoing, Error> {
         self.check(codec, payload.len())?;
-        let (payload, compressed) = self.maybe_compress(payload);
+        let (payload, compressed) = self.maybe_compress(payload, memo);
         Ok(Outgoing {
             peer: self.info.id.0,
             permits: self.permits_for(payload.len()),
@@ -248,10 +256,10 @@ impl PeerLink {
     /// Compresses a payload at or above the threshold when the connection negotiated an
     /// algorithm and compressing makes it smaller. Runs in the sender's task, not the
     /// connection's, so a busy connection does not also pay for its senders' compression.
-    fn maybe_compress(&self, payload: Bytes) -> (Bytes, bool) {
+    fn maybe_compress(&self, payload: Bytes, memo: &mut CompressMemo) -> (Bytes, bool) {
         match self.compression {
             Some(alg) if payload.len() >= self.compression_threshold => {
-                match compress::compress(alg, &payload) {
+                match memo.compress(alg, &payload) {
                     Some(c) => (c, true),
                     None => (payload, false),
                 }
@@ -280,6 +288,22 @@ impl PeerLink {
         self.cmd
             .send(Command::Send(out))
             .map_err(|_| Error::UnknownPeer(self.info.id))
+    }
+}
+
+/// The compressed forms of one payload, by algorithm, so a message sent to many peers is
+/// compressed once per algorithm rather than once per peer.
+#[derive(Debug, Default)]
+pub(crate) struct CompressMemo(Vec<(Compression, Option<Bytes>)>);
+
+impl CompressMemo {
+    fn compress(&mut self, alg: Compression, payload: &[u8]) -> Option<Bytes> {
+        if let Some((_, done)) = self.0.iter().find(|(a, _)| *a == alg) {
+            return done.clone();
+        }
+        let done = compress::compress(alg, payload);
+        self.0.push((alg, done.clone()));
+        done
     }
 }
 
@@ -868,7 +892,7 @@ impl<S: Transport> Driver<S> {
             };
             // Encode and compress here, in the handler's task, not the connection's.
             let (codec, payload) = resource::encode_response(&reply);
-            let (payload, compressed) = link.maybe_compress(payload);
+            let (payload, compressed) = link.maybe_compress(payload, &mut CompressMemo::default());
             let _ = link.cmd.send(Command::Respond {
                 id,
                 codec,
@@ -1060,5 +1084,23 @@ impl OutBuf {
         while self.segs.front().is_some_and(Bytes::is_empty) {
             self.segs.pop_front();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_is_compressed_once_per_algorithm_however_many_peers() {
+        let data = b"abc".repeat(10_000);
+        let mut memo = CompressMemo::default();
+        let a = memo.compress(Compression::Lz4, &data).unwrap();
+        let b = memo.compress(Compression::Lz4, &data).unwrap();
+        // The same buffer, not a second compression.
+        assert_eq!(a.as_ptr(), b.as_ptr());
+        let z = memo.compress(Compression::Zstd, &data).unwrap();
+        assert_ne!(z.as_ptr(), a.as_ptr());
+        assert_eq!(memo.0.len(), 2);
     }
 }

@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::channel::Channel;
 use crate::codec::{self, Codec};
-use crate::driver::{self, Command, Delivery, PeerLink, TrySubmitError};
+use crate::driver::{self, Command, CompressMemo, Delivery, PeerLink, TrySubmitError};
 use crate::error::Error;
 use crate::resource::{self, Registry, Request, Status};
 use crate::tls::{self, PeerIdentity, Scheme, TlsConfig, ToEndpoint};
@@ -971,8 +971,9 @@ impl Node {
         let mut full = Vec::new();
         let mut delivered = 0usize;
         let mut gone = None;
+        let mut memo = CompressMemo::default();
         for link in links {
-            let out = link.prepare(Kind::Message, 0, id.0, codec, payload.clone())?;
+            let out = link.prepare(Kind::Message, 0, id.0, codec, payload.clone(), &mut memo)?;
             match link.try_submit(out) {
                 Ok(()) => delivered += 1,
                 Err(TrySubmitError::Full(out)) => full.push((link, out)),
@@ -1010,8 +1011,16 @@ impl Node {
         let payload = codec.encode(value)?;
         let links = inner.targets(&target)?;
         let id = inner.next_message_id();
+        let mut memo = CompressMemo::default();
         for link in links {
-            let out = link.prepare(Kind::Message, 0, id.0, codec.id(), payload.clone())?;
+            let out = link.prepare(
+                Kind::Message,
+                0,
+                id.0,
+                codec.id(),
+                payload.clone(),
+                &mut memo,
+            )?;
             link.try_submit(out)?;
         }
         Ok(id)
