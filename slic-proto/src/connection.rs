@@ -799,6 +799,11 @@ impl Connection {
             ));
         }
         let hello = Hello::decode(payload).map_err(|e: HelloError| (e.code(), e.to_string()))?;
+        if self.side == Side::Client {
+            // The server committed to checksums when it sent this WELCOME: even our refusal of
+            // it must carry a trailer, or the server would read the ERROR as corrupt.
+            self.checksum = self.config.checksum && hello.checksum;
+        }
         let version = match self.side {
             // Client speaks `hello.version` at most; we speak PROTOCOL_VERSION.
             Side::Server => hello.version.min(PROTOCOL_VERSION),

@@ -2522,3 +2522,34 @@ fn a_flipped_message_id_bit_is_caught_too() {
     assert!(messages(&events).is_empty());
     assert_eq!(violation_code(&events), ErrorCode::CorruptFrame);
 }
+
+#[test]
+fn a_client_refusing_a_checksummed_welcome_sends_its_error_with_a_trailer() {
+    let mut client = Peer::new(
+        {
+            let mut c = with_checksum("c", true);
+            c.compression(&[Compression::Lz4]).unwrap();
+            c
+        },
+        Side::Client,
+        Instant::now(),
+    );
+    let mut welcome = hello("s");
+    welcome.checksum = true;
+    welcome.compression = vec![2]; // zstd, which the client did not offer
+    client
+        .inbox
+        .extend_from_slice(&raw(FrameType::Welcome, 0, 0, 0, &welcome.encode()));
+    client.receive(Instant::now());
+    let mut errors = Vec::new();
+    while let Some(t) = client.conn.poll_transmit(Instant::now()) {
+        if t.header[1] == FrameType::Error as u8 {
+            errors.push(t);
+        }
+    }
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].trailer.is_some(),
+        "the server expects a trailer now"
+    );
+}
