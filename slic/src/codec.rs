@@ -15,7 +15,9 @@ use crate::error::Error;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum Codec {
-    /// postcard: compact binary, the fastest; not self-describing. The default.
+    /// postcard: compact binary, the fastest; not self-describing. The default. It checks the
+    /// shape of what it decodes, not its types: an `i32` decoded as `u32` gives a different
+    /// number, not an error, so both sides must agree on the exact types.
     #[default]
     Postcard,
     /// MessagePack (rmp-serde), with field names: self-describing and compact.
