@@ -14,10 +14,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{builder, receive, shutdown_all, wait_event, within};
+use common::{TempDir, builder, receive, shutdown_all, wait_event, within};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
@@ -215,41 +214,6 @@ async fn exchange(from: &Node, peer: PeerId, to: &Node, text: &str) -> slic::Mes
     let m = receive(to).await;
     assert_eq!(m.decode::<String>().unwrap(), text);
     m
-}
-
-/// A fresh folder under the system temp dir, removed with everything in it on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "slic-test-tls-{}-{tag}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        // create_dir, not create_dir_all: fails rather than reuse an existing folder.
-        std::fs::create_dir(&path).unwrap();
-        Self { path }
-    }
-
-    fn sub(&self, name: &str) -> PathBuf {
-        let p = self.path.join(name);
-        std::fs::create_dir(&p).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
 }
 
 /// `len` pseudo-random bytes (xorshift64) from `seed`.

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::wire::{self, HELLO};
-use common::{builder, shutdown_all, start_client, start_server, within};
+use common::{TempDir, builder, shutdown_all, start_client, start_server, within};
 use slic::{Error, Node, Request, Status, StoredFile, UploadOptions, UploadRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -32,41 +32,6 @@ async fn within_for<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output
 }
 
 // --- Temporary folders and files -----------------------------------------------------------
-
-/// A fresh folder under the system temp dir, removed with everything in it on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "slic-test-uploads-{}-{tag}-{}-{nanos}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        // create_dir, not create_dir_all: fails rather than reuse an existing folder.
-        std::fs::create_dir(&path).unwrap();
-        Self { path }
-    }
-
-    fn sub(&self, name: &str) -> PathBuf {
-        let p = self.path.join(name);
-        std::fs::create_dir(&p).unwrap();
-        p
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.path);
-    }
-}
 
 /// Writes `size` pseudo-random bytes (xorshift64*, from `seed`) to `path` in 1 MiB chunks;
 /// returns their BLAKE3 digest in hex.

@@ -104,6 +104,41 @@ pub(crate) async fn shutdown_all(nodes: &[&Node]) {
     }
 }
 
+/// A fresh folder under the system temp dir, removed with everything in it on drop.
+pub(crate) struct TempDir {
+    pub(crate) path: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub(crate) fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "slic-test-{}-{tag}-{}-{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        // create_dir, not create_dir_all: fails rather than reuse an existing folder.
+        std::fs::create_dir(&path).unwrap();
+        Self { path }
+    }
+
+    pub(crate) fn sub(&self, name: &str) -> std::path::PathBuf {
+        let p = self.path.join(name);
+        std::fs::create_dir(&p).unwrap();
+        p
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
+}
+
 /// Hand-built frames and a frame reader for tests that speak the wire format directly
 /// (PROTOCOL.md sections 2, 3 and 5).
 pub(crate) mod wire {
