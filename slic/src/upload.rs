@@ -405,21 +405,20 @@ pub(crate) async fn send_file(
     }
     let mut hasher = blake3::Hasher::new();
     let mut sent = 0u64;
-    let mut buf = vec![0u8; CHUNK];
     // Bounded by the file size read at the offer: a file that grows is cut at `size`.
     while sent < size {
         let want = CHUNK.min(usize::try_from(size - sent).unwrap_or(CHUNK));
-        let n = file.read(&mut buf[..want]).await?;
+        // Read straight into the buffer that travels: the chunk is not copied again.
+        let mut buf = bytes::BytesMut::with_capacity(want);
+        let n = (&mut file).take(want as u64).read_buf(&mut buf).await?;
         if n == 0 {
             return Err(Error::Io(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "file shrank during upload",
             )));
         }
-        hasher.update(&buf[..n]);
-        channel
-            .send_encoded(CodecId::Raw, bytes::Bytes::copy_from_slice(&buf[..n]))
-            .await?;
+        hasher.update(&buf);
+        channel.send_encoded(CodecId::Raw, buf.freeze()).await?;
         sent += n as u64;
         if let Some(p) = &request.progress {
             p(sent, size);
