@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use slic_proto::{
@@ -27,6 +27,7 @@ use tracing::{Instrument, debug, debug_span};
 use crate::channel::Channel;
 use crate::compress;
 use crate::error::Error;
+use crate::idle::Phase;
 use crate::node::{
     ChannelId, ConnectionSlot, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId,
     PeerInfo,
@@ -340,9 +341,28 @@ pub(crate) struct Outgoing {
 }
 
 /// The byte streams a connection can run over (TCP, TLS, ...).
-pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+pub(crate) trait Transport: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// Reads what the socket holds right now with a direct non-blocking read, for the idle
+    /// strategy's polling: the runtime's own read only looks at the socket after its I/O
+    /// driver reported it readable, which a polling thread that does not hold the driver
+    /// would never see. `None`: this transport cannot (TLS, whose bytes need decrypting).
+    fn read_now(&self, _buf: &mut [u8]) -> Option<io::Result<usize>> {
+        None
+    }
+}
 
-impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Transport for T {}
+impl Transport for tokio::net::TcpStream {
+    fn read_now(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        use std::io::Read;
+        let socket = socket2::SockRef::from(self);
+        // The socket is non-blocking (tokio made it so): an empty one gives WouldBlock.
+        Some((&*socket).read(buf))
+    }
+}
+
+impl Transport for tokio_rustls::client::TlsStream<tokio::net::TcpStream> {}
+
+impl Transport for tokio_rustls::server::TlsStream<tokio::net::TcpStream> {}
 
 /// Starts the task for a new connection, with the protocol settings of its transport.
 /// `establish` yields the byte stream (a TLS handshake may run in it); it and the slic handshake share one deadline, counted from now. `ready`
@@ -424,6 +444,10 @@ pub(crate) fn spawn<S, F>(
             slow_cut: false,
             reinject: std::collections::VecDeque::new(),
             identity: identity.map(Arc::new),
+            dispatches: 0,
+            dispatched: false,
+            multi_threaded: tokio::runtime::Handle::current().runtime_flavor()
+                != tokio::runtime::RuntimeFlavor::CurrentThread,
         };
         driver.run().await;
     };
@@ -479,11 +503,19 @@ struct Driver<S> {
     reinject: std::collections::VecDeque<slic_proto::IncomingMessage>,
     /// The peer was cut off as a slow consumer.
     slow_cut: bool,
+    /// Whether the runtime has other worker threads: on a current-thread runtime, polling
+    /// would hold the only thread, and the peer's or the consumer's task could not run.
+    multi_threaded: bool,
+    /// Counts events handed on (their consumers woken); see `poll_idle`.
+    dispatches: u64,
+    /// Events were handed on since the task last suspended.
+    dispatched: bool,
 }
 
 impl<S: Transport> Driver<S> {
     async fn run(mut self) {
         let result = self.drive().await;
+        self.node.spin_slot.release(self.link.info.id.0 as usize);
         let reason = match (result, self.closed.take()) {
             _ if self.slow_cut => DisconnectReason::SlowConsumer,
             (Err(e), _) => DisconnectReason::Io(e.to_string()),
@@ -529,6 +561,9 @@ impl<S: Transport> Driver<S> {
         let mut armed = None;
         let mut killed = false;
         let mut linger_deadline: Option<TokioInstant> = None;
+        // The idle strategy: poll the socket for a while after the last activity.
+        let slot = self.link.info.id.0 as usize;
+        let mut last_active = Instant::now();
         loop {
             self.dispatch_events();
             self.fill_out();
@@ -563,8 +598,20 @@ impl<S: Transport> Driver<S> {
                 armed = deadline;
                 sleep.as_mut().reset(deadline.unwrap_or_else(far_future));
             }
+            if self.poll_idle(last_active, slot) {
+                last_active = Instant::now();
+                continue;
+            }
+            // Counts the polls of the select below: a second poll means the task was
+            // suspended in between, so the consumers it woke have had their turn.
+            let polls = AtomicU32::new(0);
+            let before = self.dispatches;
             tokio::select! {
                 biased;
+                () = std::future::poll_fn(|_| {
+                    polls.fetch_add(1, Ordering::Relaxed);
+                    Poll::<()>::Pending
+                }) => {}
                 () = self.link.kill.cancelled(), if !killed => {
                     killed = true;
                     if self.close_requested || self.closed.is_some() {
@@ -582,6 +629,7 @@ impl<S: Transport> Driver<S> {
                     self.eof,
                     cx,
                 )) => {
+                    last_active = Instant::now();
                     match progress? {
                         Some(0) => {
                             self.eof = true;
@@ -593,6 +641,7 @@ impl<S: Transport> Driver<S> {
                     }
                 }
                 cmd = self.cmd_rx.recv(), if self.closed.is_none() => {
+                    last_active = Instant::now();
                     if let Some(cmd) = cmd {
                         self.command(cmd);
                         for _ in 0..COMMAND_BUDGET {
@@ -610,7 +659,81 @@ impl<S: Transport> Driver<S> {
                     self.conn.handle_timeout(TokioInstant::now().into_std());
                 }
             }
+            // Suspended: only what the branch just did still waits for its consumers.
+            let handed_on = self.dispatches != before;
+            if polls.load(Ordering::Relaxed) > 1 {
+                self.dispatched = handed_on;
+            } else {
+                self.dispatched |= handed_on;
+            }
         }
+    }
+
+    /// The idle strategy: with nothing to do, keeps reading the socket directly for a while
+    /// instead of parking, so that input arriving soon is taken without waiting for a
+    /// sleeping thread (and CPU) to wake. True when input or a command came meanwhile.
+    ///
+    /// It runs inside this task's poll and holds its worker thread, so it only starts on a
+    /// multi-threaded runtime, and when no other task waits on this one: not right after events were handed on (their
+    /// consumers may be queued on this very thread), not before the write buffer is empty,
+    /// and only on the one connection of the node that holds the polling slot.
+    fn poll_idle(&mut self, last_active: Instant, slot: usize) -> bool {
+        let strategy = self.node.settings.idle;
+        let eligible = self.multi_threaded
+            && self.connected
+            && self.closed.is_none()
+            && !self.eof
+            && !self.dispatched
+            && self.out.is_empty()
+            && !self.need_flush
+            && strategy.phase(last_active.elapsed()).is_some()
+            && self.node.spin_slot.take(slot);
+        if !eligible {
+            self.node.spin_slot.release(slot);
+            return false;
+        }
+        let mut buf = [0u8; 8 << 10];
+        // Bounded by the strategy's budget: every round re-reads the clock.
+        while let Some(phase) = strategy.phase(last_active.elapsed()) {
+            match self.stream.read_now(&mut buf) {
+                None => break,
+                Some(Ok(n)) => {
+                    self.rbuf.extend_from_slice(&buf[..n]);
+                    if n == 0 {
+                        self.eof = true;
+                        self.feed();
+                        self.conn.handle_eof();
+                    } else {
+                        self.feed();
+                    }
+                    return true;
+                }
+                Some(Err(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                    ) => {}
+                // Let the regular read meet and report the error.
+                Some(Err(_)) => break,
+            }
+            match self.cmd_rx.try_recv() {
+                Ok(cmd) => {
+                    self.command(cmd);
+                    return true;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if self.link.kill.is_cancelled() {
+                break;
+            }
+            match phase {
+                Phase::Spin => std::hint::spin_loop(),
+                Phase::Yield => std::thread::yield_now(),
+            }
+        }
+        self.node.spin_slot.release(slot);
+        false
     }
 
     fn feed(&mut self) {
@@ -714,6 +837,8 @@ impl<S: Transport> Driver<S> {
             .map(ProtoEvent::Message)
             .or_else(|| self.conn.poll_event())
         {
+            self.dispatches = self.dispatches.wrapping_add(1);
+            self.dispatched = true;
             match ev {
                 ProtoEvent::Connected(hello) => self.on_connected(&hello),
                 ProtoEvent::Message(mut m) if m.compressed => {

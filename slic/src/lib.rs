@@ -61,6 +61,7 @@ mod codec;
 mod compress;
 mod driver;
 mod error;
+mod idle;
 mod node;
 mod resource;
 mod tls;
@@ -70,6 +71,7 @@ pub use bytes::Bytes;
 pub use channel::Channel;
 pub use codec::Codec;
 pub use error::Error;
+pub use idle::IdleStrategy;
 pub use node::{
     ChannelId, DisconnectReason, Event, Events, FrameChecksum, Message, MessageId, Messages, Node,
     NodeBuilder, PeerId, PeerInfo, Target,
