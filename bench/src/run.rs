@@ -257,6 +257,10 @@ pub fn run(plan: &Plan) -> Result<()> {
     let svg = crate::report::latency_svg(&rows);
     std::fs::write(plan.out.join("latency.svg"), svg)?;
     eprintln!("wrote {}", plan.out.display());
+    let failed = rows.iter().filter(|r| r.result.is_err()).count();
+    if failed > 0 {
+        bail!("{failed} of {} cases failed (n/a in the table)", rows.len());
+    }
     Ok(())
 }
 

@@ -744,6 +744,17 @@ impl NodeInner {
     }
 
     pub(crate) async fn receive(&self) -> Result<Message, Error> {
+        // Fast path, for a receiver that keeps up with a stream: a message is waiting and no
+        // other receiver holds the queue. Saves the lock's wait list and the shutdown
+        // listener that the wait below sets up.
+        if let Ok(mut rx) = self.inbox_rx.try_lock() {
+            if self.shutdown.is_cancelled() {
+                return Err(Error::Shutdown);
+            }
+            if let Ok(d) = rx.try_recv() {
+                return Ok(d.consume());
+            }
+        }
         let mut rx = self.inbox_rx.lock().await;
         tokio::select! {
             d = rx.recv() => d.map(Delivery::consume).ok_or(Error::Shutdown),
