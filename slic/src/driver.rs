@@ -999,22 +999,23 @@ impl<S: Transport> Driver<S> {
         let Some(handler) = self.node.resources.get(&name) else {
             return self.respond(id, &Err(Status::NotFound(name)));
         };
-        // The handler runs in a task of its own: a panic there is caught by its JoinHandle
-        // and becomes an Internal status, and a CANCEL aborts it.
-        let work = tokio::spawn(handler(
-            self.link.info.clone(),
-            Arc::from(name),
-            codec,
-            body,
-        ));
-        self.serving.insert(id, work.abort_handle());
+        // The handler runs in a task of its own, which a CANCEL aborts; a panic in it is
+        // caught and becomes an Internal status.
+        let mut handler = handler(self.link.info.clone(), Arc::from(name), codec, body);
         let link = self.link.clone();
-        self.node.tracker.spawn(async move {
-            let reply = match work.await {
-                Ok(reply) => reply,
-                Err(e) if e.is_panic() => Err(Status::Internal("handler panicked".into())),
-                Err(_) => return, // aborted: cancelled or connection gone
-            };
+        let work = self.node.tracker.spawn(async move {
+            // One task per request: the panic is caught around each poll of the handler
+            // (which is never polled again after one).
+            let reply = std::future::poll_fn(move |cx| {
+                let poll = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    handler.as_mut().poll(cx)
+                }));
+                match poll {
+                    Ok(p) => p,
+                    Err(_) => Poll::Ready(Err(Status::Internal("handler panicked".into()))),
+                }
+            })
+            .await;
             // Encode and compress here, in the handler's task, not the connection's.
             let (codec, payload) = resource::encode_response(&reply);
             let (payload, compressed) = link.maybe_compress(payload, &mut CompressMemo::default());
@@ -1025,6 +1026,7 @@ impl<S: Transport> Driver<S> {
                 compressed,
             });
         });
+        self.serving.insert(id, work.abort_handle());
     }
 
     fn on_connected(&mut self, hello: &slic_proto::Hello) {
