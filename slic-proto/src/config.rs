@@ -132,6 +132,11 @@ impl Config {
         self.max_message_size
     }
 
+    /// The largest frame payload this side accepts.
+    pub fn frame_size_limit(&self) -> u32 {
+        self.max_frame_size
+    }
+
     /// Credit granted to the peer per channel: bytes (frame headers included) it may send on
     /// one channel before the application here has consumed them. Default 1 MiB.
     ///

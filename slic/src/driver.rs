@@ -563,6 +563,7 @@ impl<S: Transport> Driver<S> {
         let mut linger_deadline: Option<TokioInstant> = None;
         // The idle strategy: poll the socket for a while after the last activity.
         let slot = self.link.info.id.0 as usize;
+        let max_frame = self.node.proto.frame_size_limit() as usize;
         let mut last_active = Instant::now();
         loop {
             self.dispatch_events();
@@ -624,6 +625,7 @@ impl<S: Transport> Driver<S> {
                 progress = std::future::poll_fn(|cx| poll_io(
                     &mut self.stream,
                     &mut self.rbuf,
+                    max_frame,
                     &mut self.out,
                     &mut self.need_flush,
                     self.eof,
@@ -1102,6 +1104,7 @@ impl<S: Transport> Driver<S> {
 fn poll_io<S: Transport>(
     stream: &mut S,
     rbuf: &mut BytesMut,
+    max_frame: usize,
     out: &mut OutBuf,
     need_flush: &mut bool,
     eof: bool,
@@ -1132,7 +1135,7 @@ fn poll_io<S: Transport>(
     }
     if !eof {
         if rbuf.capacity() - rbuf.len() < 4096 {
-            rbuf.reserve(READ_CHUNK);
+            rbuf.reserve(frame_rest(rbuf, max_frame).max(READ_CHUNK));
         }
         match tokio_util::io::poll_read_buf(Pin::new(&mut *stream), cx, rbuf) {
             Poll::Ready(Ok(n)) => return Poll::Ready(Ok(Some(n))),
@@ -1145,6 +1148,19 @@ fn poll_io<S: Transport>(
     } else {
         Poll::Pending
     }
+}
+
+/// Room for the rest of a large frame whose first `READ_CHUNK` bytes already arrived, so it
+/// lands in one buffer instead of being moved each time the buffer grows. A peer earns the
+/// room by sending: a header alone reserves nothing, and never more than the largest frame
+/// this side accepts (the header is checked only later, by the decoder).
+fn frame_rest(rbuf: &BytesMut, max_frame: usize) -> usize {
+    if rbuf.len() < READ_CHUNK {
+        return 0;
+    }
+    let len = u32::from_be_bytes([rbuf[16], rbuf[17], rbuf[18], rbuf[19]]) as usize;
+    let whole = HEADER_LEN + len.min(max_frame) + slic_proto::frame::CHECKSUM_LEN;
+    whole.saturating_sub(rbuf.len())
 }
 
 fn far_future() -> TokioInstant {
@@ -1217,6 +1233,33 @@ impl OutBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn buffer_with_frame_of(len: u32, arrived: usize) -> BytesMut {
+        let mut b = BytesMut::new();
+        b.extend_from_slice(&[1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+        b.extend_from_slice(&len.to_be_bytes());
+        b.resize(arrived, 7);
+        b
+    }
+
+    #[test]
+    fn room_for_the_rest_of_a_frame_is_earned_by_sending_and_capped() {
+        let max = 256 << 10;
+        // A header alone, or a frame's first bytes, reserve nothing beyond the usual chunk.
+        assert_eq!(frame_rest(&buffer_with_frame_of(200_000, 20), max), 0);
+        assert_eq!(
+            frame_rest(&buffer_with_frame_of(200_000, READ_CHUNK - 1), max),
+            0
+        );
+        // Once a chunk of it is here: the rest of the frame (and its checksum trailer).
+        let b = buffer_with_frame_of(200_000, READ_CHUNK);
+        assert_eq!(frame_rest(&b, max), HEADER_LEN + 200_000 + 4 - READ_CHUNK);
+        // A header that claims more than this side accepts gets no more than that.
+        let b = buffer_with_frame_of(u32::MAX, READ_CHUNK);
+        assert_eq!(frame_rest(&b, max), HEADER_LEN + max + 4 - READ_CHUNK);
+        // A frame already complete needs nothing.
+        assert_eq!(frame_rest(&buffer_with_frame_of(100, READ_CHUNK), max), 0);
+    }
 
     #[test]
     fn a_payload_is_compressed_once_per_algorithm_however_many_peers() {
