@@ -27,7 +27,7 @@ use tracing::{Instrument, debug, debug_span};
 use crate::channel::Channel;
 use crate::compress;
 use crate::error::Error;
-use crate::idle::Phase;
+use crate::idle::{IdleStrategy, Phase};
 use crate::node::{
     ChannelId, ConnectionSlot, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId,
     PeerInfo,
@@ -445,7 +445,7 @@ pub(crate) fn spawn<S, F>(
             reinject: std::collections::VecDeque::new(),
             identity: identity.map(Arc::new),
             dispatches: 0,
-            dispatched: false,
+            settled: 0,
             multi_threaded: tokio::runtime::Handle::current().runtime_flavor()
                 != tokio::runtime::RuntimeFlavor::CurrentThread,
         };
@@ -508,8 +508,9 @@ struct Driver<S> {
     multi_threaded: bool,
     /// Counts events handed on (their consumers woken); see `poll_idle`.
     dispatches: u64,
-    /// Events were handed on since the task last suspended.
-    dispatched: bool,
+    /// `dispatches` as of the task's last suspension: the consumers of those have had a
+    /// chance to run. Fewer than `dispatches` means some may still wait behind this task.
+    settled: u64,
 }
 
 impl<S: Transport> Driver<S> {
@@ -661,12 +662,9 @@ impl<S: Transport> Driver<S> {
                     self.conn.handle_timeout(TokioInstant::now().into_std());
                 }
             }
-            // Suspended: only what the branch just did still waits for its consumers.
-            let handed_on = self.dispatches != before;
+            // Suspended in between: what was handed on before it has been seen to.
             if polls.load(Ordering::Relaxed) > 1 {
-                self.dispatched = handed_on;
-            } else {
-                self.dispatched |= handed_on;
+                self.settled = before;
             }
         }
     }
@@ -676,16 +674,20 @@ impl<S: Transport> Driver<S> {
     /// sleeping thread (and CPU) to wake. True when input or a command came meanwhile.
     ///
     /// It runs inside this task's poll and holds its worker thread, so it only starts on a
-    /// multi-threaded runtime, and when no other task waits on this one: not right after events were handed on (their
-    /// consumers may be queued on this very thread), not before the write buffer is empty,
-    /// and only on the one connection of the node that holds the polling slot.
+    /// multi-threaded runtime, and when no other task waits on this one: not right after
+    /// events were handed on (their consumers may be queued on this very thread), not before
+    /// the write buffer is empty, and only on the one connection of the node that holds the
+    /// polling slot.
     fn poll_idle(&mut self, last_active: Instant, slot: usize) -> bool {
         let strategy = self.node.settings.idle;
+        if strategy == IdleStrategy::PARK {
+            return false; // the default: nothing to check, no clock to read
+        }
         let eligible = self.multi_threaded
             && self.connected
             && self.closed.is_none()
             && !self.eof
-            && !self.dispatched
+            && self.dispatches == self.settled
             && self.out.is_empty()
             && !self.need_flush
             && strategy.phase(last_active.elapsed()).is_some()
@@ -840,7 +842,6 @@ impl<S: Transport> Driver<S> {
             .or_else(|| self.conn.poll_event())
         {
             self.dispatches = self.dispatches.wrapping_add(1);
-            self.dispatched = true;
             match ev {
                 ProtoEvent::Connected(hello) => self.on_connected(&hello),
                 ProtoEvent::Message(mut m) if m.compressed => {

@@ -123,11 +123,13 @@ impl SpinSlot {
         }
     }
 
-    /// Gives the slot back if connection `id` holds it.
+    /// Gives the slot back if connection `id` holds it (a plain load when it does not).
     pub(crate) fn release(&self, id: usize) {
-        let _ = self
-            .0
-            .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+        if self.0.load(Ordering::Relaxed) == id {
+            let _ = self
+                .0
+                .compare_exchange(id, 0, Ordering::AcqRel, Ordering::Acquire);
+        }
     }
 }
 
