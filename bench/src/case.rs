@@ -73,7 +73,7 @@ pub enum Outcome {
 
 /// Waits until `at`: sleeps while far off, then spins the last stretch, so paced sends
 /// leave on time without the client keeping a core busy between them.
-pub fn wait_until(at: Instant) {
+fn wait_until(at: Instant) {
     loop {
         let now = Instant::now();
         if now >= at {
@@ -89,7 +89,7 @@ pub fn wait_until(at: Instant) {
 }
 
 /// When the `i`-th paced round trip is due, for `rate` per second from `start`.
-pub fn due(start: Instant, i: usize, rate: u32) -> Instant {
+fn due(start: Instant, i: usize, rate: u32) -> Instant {
     start + Duration::from_nanos((i as u64).saturating_mul(1_000_000_000) / u64::from(rate))
 }
 
@@ -107,9 +107,76 @@ pub fn payload(size: usize) -> Vec<u8> {
         .collect()
 }
 
-/// [`wait_until`] for async clients. It blocks the calling runtime thread on purpose: the
-/// client has nothing else to do between paced round trips, and tokio's timer only has
-/// millisecond precision, too coarse for pacing at 10,000/s.
-pub async fn wait_until_async(at: Instant) {
-    wait_until(at);
+/// Paces and times the round trips of a [`Case::RoundTrip`], the same way for every system:
+///
+/// ```text
+/// let mut rt = RoundTrips::new(count, warmup, rate);
+/// for i in 0..rt.total() {
+///     let t = rt.begin(i);
+///     // send, await the echo
+///     rt.end(i, t);
+/// }
+/// Ok(rt.finish())
+/// ```
+///
+/// `begin` blocks the calling thread until a paced round trip is due, async clients too: the
+/// client has nothing else to do between round trips, and tokio's timer has only millisecond
+/// precision, too coarse for pacing at 10,000/s.
+pub struct RoundTrips {
+    warmup: usize,
+    total: usize,
+    rate: Option<u32>,
+    start: Instant,
+    latencies: Vec<u64>,
+}
+
+impl RoundTrips {
+    /// `warmup` untimed round trips, then `count` timed ones, paced at `rate` per second.
+    pub fn new(count: usize, warmup: usize, rate: Option<u32>) -> Self {
+        Self {
+            warmup,
+            total: warmup + count,
+            rate,
+            start: Instant::now(),
+            latencies: Vec::with_capacity(count),
+        }
+    }
+
+    /// How many round trips to make, warm-up included.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Waits until round trip `i` is due (when paced); its timing starts at the returned
+    /// instant.
+    pub fn begin(&self, i: usize) -> Instant {
+        if let Some(rate) = self.rate {
+            wait_until(due(self.start, i, rate));
+        }
+        Instant::now()
+    }
+
+    /// Records round trip `i`, begun at `t`, unless it is a warm-up one.
+    pub fn end(&mut self, i: usize, t: Instant) {
+        if i >= self.warmup {
+            self.latencies.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+
+    /// The recorded latencies.
+    pub fn finish(self) -> Outcome {
+        Outcome::Latencies(self.latencies)
+    }
+}
+
+impl Outcome {
+    /// `count` messages of `size` bytes received since `first` (the first timed message; none
+    /// when `count` is zero).
+    pub fn throughput(count: usize, size: usize, first: Option<Instant>) -> Self {
+        Self::Throughput {
+            messages: count as u64,
+            bytes: (count * size) as u64,
+            seconds: first.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+        }
+    }
 }

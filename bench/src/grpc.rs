@@ -14,7 +14,7 @@
 //!
 //! Both processes run on [`crate::runtime`]. The client's work runs in a task spawned on
 //! that runtime (as a `#[tokio::main]` program's would), not on the thread that blocks on
-//! it. Paced round trips wait with [`wait_until_async`], which blocks the worker running the
+//! it. Paced round trips wait in [`crate::case::RoundTrips`], which blocks the worker running the
 //! client task: that is fine here, since one round trip at a time is outstanding and
 //! nothing else of the client's has work to do while it waits (the other workers keep the
 //! connection going).
@@ -36,7 +36,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Channel, Endpoint, Server};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::case::{Case, Outcome, due, payload, wait_until_async};
+use crate::case::{Case, Outcome, RoundTrips, payload};
 
 /// The code `tonic-prost-build` generates from `proto/bench.proto`.
 #[allow(clippy::all, missing_docs)]
@@ -245,14 +245,6 @@ async fn echo(client: &mut BenchClient<Channel>, data: Bytes) -> Result<()> {
     Ok(())
 }
 
-/// Waits for the `i`-th paced round trip's turn (if paced), then starts timing it.
-async fn start(paced: Option<(Instant, u32)>, i: usize) -> Instant {
-    if let Some((first, rate)) = paced {
-        wait_until_async(due(first, i, rate)).await;
-    }
-    Instant::now()
-}
-
 /// `RoundTrip` over unary calls: `warmup + count` calls one after the other, each timed
 /// from just before the call to its reply.
 async fn unary_round_trips(
@@ -263,16 +255,13 @@ async fn unary_round_trips(
     rate: Option<u32>,
 ) -> Result<Outcome> {
     let data = Bytes::from(payload(size));
-    let paced = rate.map(|rate| (Instant::now(), rate));
-    let mut latencies = Vec::with_capacity(count);
-    for i in 0..warmup + count {
-        let t0 = start(paced, i).await;
+    let mut rt = RoundTrips::new(count, warmup, rate);
+    for i in 0..rt.total() {
+        let t = rt.begin(i);
         echo(client, data.clone()).await?;
-        if i >= warmup {
-            latencies.push(t0.elapsed().as_nanos() as u64);
-        }
+        rt.end(i, t);
     }
-    Ok(Outcome::Latencies(latencies))
+    Ok(rt.finish())
 }
 
 /// `RoundTrip` over one `Chat` stream: send a message, await its echo, `warmup + count`
@@ -289,10 +278,9 @@ async fn chat_round_trips(
     let outgoing =
         futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|m| (m, rx)) });
     let mut replies = client.chat(outgoing).await?.into_inner();
-    let paced = rate.map(|rate| (Instant::now(), rate));
-    let mut latencies = Vec::with_capacity(count);
-    for i in 0..warmup + count {
-        let t0 = start(paced, i).await;
+    let mut rt = RoundTrips::new(count, warmup, rate);
+    for i in 0..rt.total() {
+        let t = rt.begin(i);
         tx.send(Msg { data: data.clone() })
             .await
             .map_err(|_| anyhow::anyhow!("chat stream closed"))?;
@@ -302,14 +290,12 @@ async fn chat_round_trips(
             "echo of {} bytes",
             reply.data.len()
         );
-        if i >= warmup {
-            latencies.push(t0.elapsed().as_nanos() as u64);
-        }
+        rt.end(i, t);
     }
     // Ends the request stream; the server then ends the replies.
     drop(tx);
     while replies.message().await?.is_some() {}
-    Ok(Outcome::Latencies(latencies))
+    Ok(rt.finish())
 }
 
 /// `Requests`: `in_flight` tasks share one channel, each making calls one after the other

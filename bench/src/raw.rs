@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::case::{Case, Outcome, due, payload, wait_until};
+use crate::case::{Case, Outcome, RoundTrips, payload};
 
 /// Serves `case` over raw TCP (`variant`: `blocking` or `tokio`).
 pub fn serve(variant: &str, case: &Case, ready: &mut dyn FnMut(SocketAddr)) -> Result<()> {
@@ -160,20 +160,14 @@ fn client_blocking(case: &Case, addr: SocketAddr, idle: &mut dyn FnMut()) -> Res
             let mut s = connect_blocking(addr)?;
             let msg = frame(&payload(size));
             let mut body = Vec::new();
-            let mut lat = Vec::with_capacity(count);
-            let start = Instant::now();
-            for i in 0..warmup + count {
-                if let Some(r) = rate {
-                    wait_until(due(start, i, r));
-                }
-                let t = Instant::now();
+            let mut rt = RoundTrips::new(count, warmup, rate);
+            for i in 0..rt.total() {
+                let t = rt.begin(i);
                 s.write_all(&msg)?;
                 read_frame(&mut s, &mut body)?;
-                if i >= warmup {
-                    lat.push(t.elapsed().as_nanos() as u64);
-                }
+                rt.end(i, t);
             }
-            Ok(Outcome::Latencies(lat))
+            Ok(rt.finish())
         }
         Case::Stream {
             size,
@@ -191,7 +185,7 @@ fn client_blocking(case: &Case, addr: SocketAddr, idle: &mut dyn FnMut()) -> Res
                 read_frame(&mut r, &mut body)?;
                 start.get_or_insert_with(Instant::now);
             }
-            Ok(throughput(start, count, size))
+            Ok(Outcome::throughput(count, size, start))
         }
         Case::Requests {
             size,
@@ -274,14 +268,6 @@ fn client_blocking(case: &Case, addr: SocketAddr, idle: &mut dyn FnMut()) -> Res
                 seconds: start.elapsed().as_secs_f64(),
             })
         }
-    }
-}
-
-fn throughput(start: Option<Instant>, count: usize, size: usize) -> Outcome {
-    Outcome::Throughput {
-        messages: count as u64,
-        bytes: (count * size) as u64,
-        seconds: start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
     }
 }
 
@@ -379,20 +365,14 @@ async fn client_tokio<F: FnMut() + ?Sized>(
             let mut s = connect_tokio(addr).await?;
             let msg = frame(&payload(size));
             let mut body = Vec::new();
-            let mut lat = Vec::with_capacity(count);
-            let start = Instant::now();
-            for i in 0..warmup + count {
-                if let Some(r) = rate {
-                    crate::case::wait_until_async(due(start, i, r)).await;
-                }
-                let t = Instant::now();
+            let mut rt = RoundTrips::new(count, warmup, rate);
+            for i in 0..rt.total() {
+                let t = rt.begin(i);
                 s.write_all(&msg).await?;
                 read_frame_tokio(&mut s, &mut body).await?;
-                if i >= warmup {
-                    lat.push(t.elapsed().as_nanos() as u64);
-                }
+                rt.end(i, t);
             }
-            Ok(Outcome::Latencies(lat))
+            Ok(rt.finish())
         }
         Case::Stream {
             size,
@@ -410,7 +390,7 @@ async fn client_tokio<F: FnMut() + ?Sized>(
                 read_frame_tokio(&mut r, &mut body).await?;
                 start.get_or_insert_with(Instant::now);
             }
-            Ok(throughput(start, count, size))
+            Ok(Outcome::throughput(count, size, start))
         }
         Case::Requests {
             size,

@@ -2,6 +2,7 @@
 //! clients measured, and prints one markdown table with every figure next to its ratio to
 //! raw blocking TCP in the same case and condition.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -15,17 +16,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::case::{Case, Outcome};
 
-/// A system under test: `(system, variant, label)`.
-type System = (&'static str, &'static str, &'static str);
+/// A system under test: `(system, variant, label)`. Owned strings only for the slic
+/// variants named on the command line.
+type System = (&'static str, Cow<'static, str>, Cow<'static, str>);
 
-const RAW: System = ("raw", "blocking", "raw blocking TCP");
-const RAW_TOKIO: System = ("raw", "tokio", "raw tokio TCP");
-const SLIC: System = ("slic", "tcp", "slic (TCP)");
-const ZMQ_REQ: System = ("zmq", "reqrep", "ZeroMQ REQ/REP");
-const ZMQ_PUSH: System = ("zmq", "pushpull", "ZeroMQ PUSH/PULL");
-const ZMQ_DEALER: System = ("zmq", "dealer", "ZeroMQ DEALER/ROUTER");
-const GRPC_UNARY: System = ("grpc", "unary", "gRPC tonic unary");
-const GRPC_STREAM: System = ("grpc", "stream", "gRPC tonic stream");
+const fn system(name: &'static str, variant: &'static str, label: &'static str) -> System {
+    (name, Cow::Borrowed(variant), Cow::Borrowed(label))
+}
+
+const RAW: System = system("raw", "blocking", "raw blocking TCP");
+const RAW_TOKIO: System = system("raw", "tokio", "raw tokio TCP");
+const SLIC: System = system("slic", "tcp", "slic (TCP)");
+const ZMQ_REQ: System = system("zmq", "reqrep", "ZeroMQ REQ/REP");
+const ZMQ_PUSH: System = system("zmq", "pushpull", "ZeroMQ PUSH/PULL");
+const ZMQ_DEALER: System = system("zmq", "dealer", "ZeroMQ DEALER/ROUTER");
+const GRPC_UNARY: System = system("grpc", "unary", "gRPC tonic unary");
+const GRPC_STREAM: System = system("grpc", "stream", "gRPC tonic stream");
 
 /// Whether the cores idle between messages or have a low-priority busy loop each.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -67,9 +73,11 @@ fn extra_slic(plan: &Plan) -> Vec<System> {
     plan.slic_variants
         .iter()
         .map(|v| {
-            let v: &'static str = Box::leak(v.clone().into_boxed_str());
-            let label: &'static str = Box::leak(format!("slic ({v})").into_boxed_str());
-            ("slic", v, label)
+            (
+                "slic",
+                Cow::Owned(v.clone()),
+                Cow::Owned(format!("slic ({v})")),
+            )
         })
         .collect()
 }
@@ -200,7 +208,7 @@ pub fn run(plan: &Plan) -> Result<()> {
     for job in &mut all {
         if let Some(i) = job.systems.iter().position(|s| *s == SLIC) {
             for (k, e) in extra.iter().enumerate() {
-                job.systems.insert(i + 1 + k, *e);
+                job.systems.insert(i + 1 + k, e.clone());
             }
         }
         if !plan.systems.is_empty() {
@@ -225,7 +233,7 @@ pub fn run(plan: &Plan) -> Result<()> {
             .then(|| Load::start(&exe))
             .transpose()?;
         for job in todo {
-            for &(system, variant, label) in &job.systems {
+            for (system, variant, label) in &job.systems {
                 eprint!(
                     "{:<40} {:<5} {label:<24} ",
                     job.title,

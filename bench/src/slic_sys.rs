@@ -11,7 +11,7 @@ use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use slic::{Event, IdleStrategy, Node, PeerId, Request, Status, Target};
 
-use crate::case::{Case, Outcome, due, payload, wait_until_async};
+use crate::case::{Case, Outcome, RoundTrips, payload};
 
 const ECHO: &str = "echo";
 
@@ -126,23 +126,17 @@ async fn run_client(node: &Node, case: &Case, addr: SocketAddr) -> Result<Outcom
         } => {
             let peer = node.connect(addr).await.context("connect")?;
             let body = Bytes::from(payload(size));
-            let mut lat = Vec::with_capacity(count);
-            let start = Instant::now();
-            for i in 0..warmup + count {
-                if let Some(r) = rate {
-                    wait_until_async(due(start, i, r)).await;
-                }
-                let t = Instant::now();
+            let mut rt = RoundTrips::new(count, warmup, rate);
+            for i in 0..rt.total() {
+                let t = rt.begin(i);
                 node.send_bytes(Target::Peer(peer), body.clone()).await?;
                 let m = node.recv().await?;
-                if i >= warmup {
-                    lat.push(t.elapsed().as_nanos() as u64);
-                }
+                rt.end(i, t);
                 if m.body.len() != size {
                     bail!("echo of {} bytes, sent {size}", m.body.len());
                 }
             }
-            Ok(Outcome::Latencies(lat))
+            Ok(rt.finish())
         }
         Case::Stream {
             size,
@@ -161,11 +155,7 @@ async fn run_client(node: &Node, case: &Case, addr: SocketAddr) -> Result<Outcom
                     bail!("message of {} bytes, expected {size}", m.body.len());
                 }
             }
-            Ok(Outcome::Throughput {
-                messages: count as u64,
-                bytes: (count * size) as u64,
-                seconds: start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-            })
+            Ok(Outcome::throughput(count, size, start))
         }
         Case::Requests {
             size,

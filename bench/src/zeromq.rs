@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::case::{Case, Outcome, due, payload, wait_until};
+use crate::case::{Case, Outcome, RoundTrips, payload};
 
 /// libzmq allows 1023 sockets per context by default (`ZMQ_MAX_SOCKETS`), and the `zmq`
 /// crate does not expose the setting, so the `Connections` client opens a further context
@@ -240,20 +240,14 @@ fn round_trips(
     let sock = connect(&ctx, zmq::REQ, endpoint)?;
     let body = payload(size);
     let mut msg = zmq::Message::new();
-    let mut lat = Vec::with_capacity(count);
-    let start = Instant::now();
-    for i in 0..warmup + count {
-        if let Some(r) = rate {
-            wait_until(due(start, i, r));
-        }
-        let t = Instant::now();
+    let mut rt = RoundTrips::new(count, warmup, rate);
+    for i in 0..rt.total() {
+        let t = rt.begin(i);
         sock.send(&body[..], 0).context("REQ send")?;
         recv_reply(&sock, &mut msg, size)?;
-        if i >= warmup {
-            lat.push(t.elapsed().as_nanos() as u64);
-        }
+        rt.end(i, t);
     }
-    Ok(Outcome::Latencies(lat))
+    Ok(rt.finish())
 }
 
 /// `Case::Requests` on one socket of `kind` (REQ for one in flight, DEALER for any number):
@@ -390,9 +384,5 @@ fn pull(endpoint: &str, size: usize, count: usize, warmup: usize) -> Result<Outc
         recv_reply(&sock, &mut msg, size)?;
         start.get_or_insert_with(Instant::now);
     }
-    Ok(Outcome::Throughput {
-        messages: count as u64,
-        bytes: (count * size) as u64,
-        seconds: start.map_or(0.0, |s| s.elapsed().as_secs_f64()),
-    })
+    Ok(Outcome::throughput(count, size, start))
 }
