@@ -1002,23 +1002,26 @@ impl<S: Transport> Driver<S> {
         let Some(handler) = self.node.resources.get(&name) else {
             return self.respond(id, &Err(Status::NotFound(name)));
         };
-        // The handler runs in a task of its own, which a CANCEL aborts; a panic in it is
-        // caught and becomes an Internal status.
         let mut handler = handler(self.link.info.clone(), Arc::from(name), codec, body);
+        // Most handlers finish at their first poll (nothing of theirs to wait for): answer
+        // those here, without a task, a wake-up and a command each. The waker is a no-op:
+        // a handler that is not ready is polled again at once by its own task below, which
+        // registers that task's waker instead.
+        let first = poll_handler(
+            &mut handler,
+            &mut Context::from_waker(std::task::Waker::noop()),
+        );
+        if let Poll::Ready(reply) = first {
+            let (codec, payload) = resource::encode_response(&reply);
+            let (payload, compressed) = self
+                .link
+                .maybe_compress(payload, &mut CompressMemo::default());
+            return self.send_response(id, codec, payload, compressed);
+        }
+        // The rest run in a task of their own, which a CANCEL aborts.
         let link = self.link.clone();
         let work = self.node.tracker.spawn(async move {
-            // One task per request: the panic is caught around each poll of the handler
-            // (which is never polled again after one).
-            let reply = std::future::poll_fn(move |cx| {
-                let poll = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    handler.as_mut().poll(cx)
-                }));
-                match poll {
-                    Ok(p) => p,
-                    Err(_) => Poll::Ready(Err(Status::Internal("handler panicked".into()))),
-                }
-            })
-            .await;
+            let reply = std::future::poll_fn(move |cx| poll_handler(&mut handler, cx)).await;
             // Encode and compress here, in the handler's task, not the connection's.
             let (codec, payload) = resource::encode_response(&reply);
             let (payload, compressed) = link.maybe_compress(payload, &mut CompressMemo::default());
@@ -1149,6 +1152,13 @@ fn poll_io<S: Transport>(
     } else {
         Poll::Pending
     }
+}
+
+/// Polls a request handler, catching a panic in it: a panicked handler answers `Internal`
+/// and is never polled again (its poll returned `Ready`).
+fn poll_handler(handler: &mut resource::BoxReply, cx: &mut Context<'_>) -> Poll<Reply> {
+    let poll = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| handler.as_mut().poll(cx)));
+    poll.unwrap_or_else(|_| Poll::Ready(Err(Status::Internal("handler panicked".into()))))
 }
 
 /// Room for the rest of a large frame whose first `READ_CHUNK` bytes already arrived, so it

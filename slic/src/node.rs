@@ -1205,6 +1205,13 @@ impl Node {
     /// handler that panics is answered [`Status::Internal`] and the connection carries on.
     /// The reply is encoded in the caller's codec.
     ///
+    /// The handler's future is first polled inside the connection's task: one that is ready
+    /// at once (it awaits nothing that waits) is answered there, with no task of its own,
+    /// which is what makes many small requests cheap. One that has to wait goes on in a task
+    /// of its own, so the connection keeps serving. Either way, CPU-heavy work belongs in
+    /// [`tokio::task::spawn_blocking`], as in any async code: until it returns, the
+    /// connection waits too.
+    ///
     /// # Errors
     ///
     /// [`Error::ResourceExists`] if the name is taken (also by an upload resource),

@@ -257,6 +257,67 @@ async fn a_handler_that_panics_is_internal_and_the_next_call_on_the_same_connect
     shutdown_all(&[&client, &server]).await;
 }
 
+/// The tokio task a handler's code ran in, one per call.
+type TaskIds = Arc<Mutex<Vec<tokio::task::Id>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_ready_at_once_is_served_in_the_connection_task_and_one_that_waits_in_its_own() {
+    let (server, addr) = start_server(builder("hub")).await;
+    let (at_once, waits): (TaskIds, TaskIds) = Default::default();
+    let ids = at_once.clone();
+    server
+        .create_resource(":now", move |req: Request<Add>| {
+            let ids = ids.clone();
+            async move {
+                ids.lock().unwrap().push(tokio::task::id());
+                Ok::<_, Status>(Answer { answer: req.body.a })
+            }
+        })
+        .unwrap();
+    let ids = waits.clone();
+    server
+        .create_resource(":later", move |req: Request<Add>| {
+            let ids = ids.clone();
+            async move {
+                // Registers a timer at the first poll, whose waker must be replaced by the
+                // one of the task the handler moves into, or the reply never comes.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                ids.lock().unwrap().push(tokio::task::id());
+                Ok::<_, Status>(Answer {
+                    answer: -req.body.a,
+                })
+            }
+        })
+        .unwrap();
+    let (client, _) = start_client(builder("pc"), addr).await;
+    for a in 0..4 {
+        let now: Answer = within("now", client.get_resource(":now", &Add { a }))
+            .await
+            .unwrap();
+        let later: Answer = within("later", client.get_resource(":later", &Add { a }))
+            .await
+            .unwrap();
+        assert_eq!((now.answer, later.answer), (a, -a));
+    }
+    let at_once = at_once.lock().unwrap().clone();
+    let waits = waits.lock().unwrap().clone();
+    assert_eq!(at_once.len(), 4);
+    assert!(
+        at_once.iter().all(|id| *id == at_once[0]),
+        "ready handlers ran in one task, the connection's: {at_once:?}"
+    );
+    let mut distinct = waits.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    assert_eq!(
+        distinct.len(),
+        4,
+        "each waiting handler had its own task: {waits:?}"
+    );
+    assert!(!waits.contains(&at_once[0]));
+    shutdown_all(&[&client, &server]).await;
+}
+
 #[tokio::test]
 async fn creating_a_taken_name_is_resource_exists_and_a_removed_resource_is_not_found() {
     let (server, addr) = start_server(builder("hub")).await;
