@@ -435,6 +435,7 @@ pub(crate) fn spawn<S, F>(
             held: 0,
             sinks: HashMap::new(),
             credits: HashMap::new(),
+            inbox_credit: None,
             ready,
             closed: None,
             connected: false,
@@ -489,6 +490,9 @@ struct Driver<S> {
     held: usize,
     sinks: HashMap<u32, mpsc::UnboundedSender<Delivery>>,
     credits: HashMap<u32, Arc<CreditReturn>>,
+    /// `credits` of channel 0, where every `send` goes: kept at hand for the stream of
+    /// messages, instead of a map lookup each.
+    inbox_credit: Option<Arc<CreditReturn>>,
     ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
     closed: Option<ConnectionError>,
     connected: bool,
@@ -803,6 +807,18 @@ impl<S: Transport> Driver<S> {
     }
 
     fn credit_for(&mut self, channel: u32) -> Arc<CreditReturn> {
+        if channel == 0 {
+            if let Some(c) = &self.inbox_credit {
+                return c.clone();
+            }
+            let c = self.channel_credit(0);
+            self.inbox_credit = Some(c.clone());
+            return c;
+        }
+        self.channel_credit(channel)
+    }
+
+    fn channel_credit(&mut self, channel: u32) -> Arc<CreditReturn> {
         let cfg = &self.node.settings;
         let threshold = (cfg.channel_window / 4)
             .min(cfg.connection_window / (4 * (cfg.max_channels.saturating_add(1))))
