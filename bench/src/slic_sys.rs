@@ -43,9 +43,15 @@ pub fn serve(variant: &str, case: &Case, ready: &mut dyn FnMut(SocketAddr)) -> R
                         return Ok(());
                     };
                     if let Event::PeerConnected(peer) = event {
-                        for _ in 0..count + warmup {
-                            node.send_bytes(Target::Peer(peer.id), body.clone()).await?;
-                        }
+                        // On a worker thread, as an application's task would be.
+                        let (node, body) = (node.clone(), body.clone());
+                        tokio::spawn(async move {
+                            for _ in 0..count + warmup {
+                                node.send_bytes(Target::Peer(peer.id), body.clone()).await?;
+                            }
+                            Ok::<_, slic::Error>(())
+                        })
+                        .await??;
                     }
                 }
             }
