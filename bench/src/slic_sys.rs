@@ -107,6 +107,11 @@ fn builder(variant: &str) -> Result<slic::NodeBuilder> {
     Ok(match variant {
         "tcp" => b,
         "tcp-park" => b.idle_strategy(IdleStrategy::PARK),
+        v if v.starts_with("tcp-window") => {
+            // tcp-windowN: channel window of N KiB (connection window 4x that)
+            let kib: u32 = v["tcp-window".len()..].parse()?;
+            b.channel_window(kib << 10).connection_window(kib << 12)
+        }
         v => {
             // tcp-spinN or tcp-spinN-yieldM (microseconds)
             let rest = v.strip_prefix("tcp-spin").context("unknown slic variant")?;
