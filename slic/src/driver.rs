@@ -99,6 +99,38 @@ impl Delivery {
         self.credit.consume(self.amount);
         self.msg
     }
+
+    /// A message from nowhere whose id is `id`, with no credit to return.
+    #[cfg(test)]
+    pub(crate) fn for_test(id: u64) -> Self {
+        let (cmd, _) = mpsc::unbounded_channel();
+        Self {
+            msg: Message {
+                from: PeerInfo {
+                    id: PeerId(1),
+                    name: Arc::from("test"),
+                    addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+                    identity: None,
+                },
+                id: MessageId(id),
+                channel: ChannelId(0),
+                codec: CodecId::Raw,
+                body: Bytes::new(),
+            },
+            credit: Arc::new(CreditReturn {
+                channel: 0,
+                pending: AtomicU32::new(0),
+                threshold: u32::MAX,
+                cmd,
+            }),
+            amount: 0,
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn test_id(&self) -> u64 {
+        self.msg.id.0
+    }
 }
 
 /// The handle side of one connection, shared by the node's peer table and channels.
@@ -436,6 +468,7 @@ pub(crate) fn spawn<S, F>(
             sinks: HashMap::new(),
             credits: HashMap::new(),
             inbox_credit: None,
+            inbox_batch: std::collections::VecDeque::new(),
             ready,
             closed: None,
             connected: false,
@@ -493,6 +526,8 @@ struct Driver<S> {
     /// `credits` of channel 0, where every `send` goes: kept at hand for the stream of
     /// messages, instead of a map lookup each.
     inbox_credit: Option<Arc<CreditReturn>>,
+    /// Messages for the node's inbox from this round of events, handed over together.
+    inbox_batch: std::collections::VecDeque<Delivery>,
     ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
     closed: Option<ConnectionError>,
     connected: bool,
@@ -933,7 +968,8 @@ impl<S: Transport> Driver<S> {
                         amount: m.credit,
                     };
                     let undelivered = if m.channel == 0 {
-                        self.node.inbox_tx.send(delivery).err().map(|e| e.0)
+                        self.inbox_batch.push_back(delivery);
+                        None
                     } else {
                         match self.sinks.get(&m.channel) {
                             Some(sink) => sink.send(delivery).err().map(|e| e.0),
@@ -977,6 +1013,8 @@ impl<S: Transport> Driver<S> {
                 _ => {}
             }
         }
+        // One lock and one wake-up for all the messages this round produced.
+        self.node.inbox.push_all(&mut self.inbox_batch);
     }
 
     fn respond(&mut self, id: u64, reply: &Reply) {

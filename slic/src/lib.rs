@@ -62,6 +62,7 @@ mod compress;
 mod driver;
 mod error;
 mod idle;
+mod inbox;
 mod node;
 mod resource;
 mod tls;

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use slic_proto::{CodecId, Compression, ConnectionError, Initiator, Kind, Side};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, debug_span};
@@ -27,6 +27,7 @@ use crate::codec::{self, Codec};
 use crate::driver::{self, Command, CompressMemo, Delivery, PeerLink, TrySubmitError};
 use crate::error::Error;
 use crate::idle::{IdleStrategy, SpinSlot};
+use crate::inbox::Inbox;
 use crate::resource::{self, Registry, Request, Status};
 use crate::tls::{self, PeerIdentity, Scheme, TlsConfig, ToEndpoint};
 use crate::upload::{self, StoredFile, UploadOptions, UploadRequest, UploadTarget};
@@ -512,7 +513,6 @@ impl NodeBuilder {
             let r = self.proto.name(name).map(drop);
             self.record(r);
         }
-        let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
         let (events, _) = broadcast::channel(EVENT_CAPACITY);
         let inner = Arc::new(NodeInner {
             proto_tls: {
@@ -527,8 +527,7 @@ impl NodeBuilder {
             },
             settings: self.settings,
             peers: Mutex::new(HashMap::new()),
-            inbox_tx,
-            inbox_rx: tokio::sync::Mutex::new(inbox_rx),
+            inbox: Inbox::default(),
             pending_channels: Mutex::new(std::collections::VecDeque::new()),
             pending_notify: tokio::sync::Notify::new(),
             events,
@@ -559,8 +558,8 @@ pub(crate) struct NodeInner {
     pub(crate) proto_tls: Arc<slic_proto::Config>,
     pub(crate) settings: Settings,
     peers: Mutex<HashMap<PeerId, Arc<PeerLink>>>,
-    pub(crate) inbox_tx: mpsc::UnboundedSender<Delivery>,
-    inbox_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Delivery>>,
+    /// Messages received on channel 0 of every connection.
+    pub(crate) inbox: Inbox,
     /// Channels opened by peers and not yet accepted, oldest first.
     pending_channels: Mutex<std::collections::VecDeque<Channel>>,
     pending_notify: tokio::sync::Notify,
@@ -754,22 +753,19 @@ impl NodeInner {
     }
 
     pub(crate) async fn receive(&self) -> Result<Message, Error> {
-        // Fast path, for a receiver that keeps up with a stream: a message is waiting and no
-        // other receiver holds the queue. Saves the lock's wait list and the shutdown
-        // listener that the wait below sets up.
-        if let Ok(mut rx) = self.inbox_rx.try_lock() {
-            if self.shut.load(Ordering::Acquire) {
-                return Err(Error::Shutdown);
-            }
-            if let Ok(d) = rx.try_recv() {
-                return Ok(d.consume());
-            }
+        if self.shut.load(Ordering::Acquire) {
+            return Err(Error::Shutdown);
         }
-        let mut rx = self.inbox_rx.lock().await;
-        tokio::select! {
-            d = rx.recv() => d.map(Delivery::consume).ok_or(Error::Shutdown),
-            () = self.shutdown.cancelled() => Err(Error::Shutdown),
+        // Fast path, for a receiver that keeps up with a stream: no wait list, no shutdown
+        // listener.
+        if let Some(d) = self.inbox.try_pop() {
+            return Ok(d.consume());
         }
+        self.inbox
+            .pop(&self.shutdown)
+            .await
+            .map(Delivery::consume)
+            .ok_or(Error::Shutdown)
     }
 }
 
@@ -1106,18 +1102,10 @@ impl Node {
     /// [`Error::Shutdown`] once the node is shut down.
     pub fn try_receive(&self) -> Result<Option<Message>, Error> {
         let inner = self.inner();
-        if inner.shutdown.is_cancelled() {
+        if inner.shut.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
-        let Ok(mut rx) = inner.inbox_rx.try_lock() else {
-            // Another task is inside receive(); it will take the next message.
-            return Ok(None);
-        };
-        match rx.try_recv() {
-            Ok(d) => Ok(Some(d.consume())),
-            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
-            Err(mpsc::error::TryRecvError::Disconnected) => Err(Error::Shutdown),
-        }
+        Ok(inner.inbox.try_pop().map(Delivery::consume))
     }
 
     /// Waits up to `timeout` for a message; `Ok(None)` when none came.
