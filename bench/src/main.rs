@@ -106,13 +106,23 @@ fn main() -> Result<()> {
                         let list = it.next().context("--slic VARIANT,...")?;
                         plan.slic_variants = list.split(',').map(str::to_string).collect();
                     }
-                    other => bail!("unknown option {other}"),
+                    "--help" | "-h" => {
+                        println!("{USAGE}");
+                        return Ok(());
+                    }
+                    other => bail!("unknown option {other}\n{USAGE}"),
                 }
             }
             run::run(&plan)
         }
-        _ => bail!(
-            "usage: slic-bench run [--quick] [--out DIR] [--only TEXT] [--systems A,B] [--slic VARIANTS] | spin | server SYSTEM VARIANT CASE | client SYSTEM VARIANT ADDR CASE"
-        ),
+        ["--help" | "-h" | "help", ..] => {
+            println!(
+                "{USAGE}\n\nSee BENCHMARKING.md for the cases, the options and how to read the table."
+            );
+            Ok(())
+        }
+        _ => bail!("{USAGE}"),
     }
 }
+
+const USAGE: &str = "usage: slic-bench run [--quick] [--out DIR] [--only TEXT] [--systems A,B] [--slic VARIANTS] | spin | server SYSTEM VARIANT CASE | client SYSTEM VARIANT ADDR CASE";
