@@ -53,13 +53,15 @@ const LINGER: Duration = Duration::from_secs(2);
 pub(crate) enum Command {
     Send(Outgoing),
     Open(&'static str, oneshot::Sender<Result<Channel, Error>>),
-    /// A handler finished the request with this id.
-    /// An encoded (and, when worthwhile, compressed) response.
+    /// A handler finished the request with this id: an encoded (and, when worthwhile,
+    /// compressed) response. `tracked`: the handler ran in a task listed in `serving` (and is
+    /// answered only if still there, not cancelled); otherwise it was answered inline.
     Respond {
         id: u64,
         codec: CodecId,
         payload: Bytes,
         compressed: bool,
+        tracked: bool,
     },
     /// This side gave up on its request with this id.
     Cancel(u64),
@@ -288,7 +290,8 @@ impl PeerLink {
 
     /// Compresses a payload at or above the threshold when the connection negotiated an
     /// algorithm and compressing makes it smaller. Runs in the sender's task, not the
-    /// connection's, so a busy connection does not also pay for its senders' compression.
+    /// connection's, so a busy connection does not also pay for its senders' compression
+    /// (except for replies of handlers answered inline, which run in the connection's task).
     fn maybe_compress(&self, payload: Bytes, memo: &mut CompressMemo) -> (Bytes, bool) {
         match self.compression {
             Some(alg) if payload.len() >= self.compression_threshold => {
@@ -821,9 +824,10 @@ impl<S: Transport> Driver<S> {
                 codec,
                 payload,
                 compressed,
+                tracked,
             } => {
                 // A cancelled request is no longer in `serving`: its answer is not wanted.
-                if self.serving.remove(&id).is_some() {
+                if !tracked || self.serving.remove(&id).is_some() {
                     self.send_response(id, codec, payload, compressed);
                 }
             }
@@ -893,6 +897,14 @@ impl<S: Transport> Driver<S> {
             .or_else(|| self.conn.poll_event())
         {
             self.dispatches = self.dispatches.wrapping_add(1);
+            // Messages wait in `inbox_batch` only while more plain messages follow: anything
+            // else (a response waking its caller, a request, a channel event) sees the
+            // messages that arrived before it already delivered.
+            let to_inbox = matches!(&ev, ProtoEvent::Message(m)
+                if m.kind == Kind::Message && m.channel == 0 && !m.compressed);
+            if !to_inbox {
+                self.node.inbox.push_all(&mut self.inbox_batch);
+            }
             match ev {
                 ProtoEvent::Connected(hello) => self.on_connected(&hello),
                 ProtoEvent::Message(mut m) if m.compressed => {
@@ -1061,6 +1073,7 @@ impl<S: Transport> Driver<S> {
         // those here, without a task, a wake-up and a command each. The waker is a no-op:
         // a handler that is not ready is polled again at once by its own task below, which
         // registers that task's waker instead.
+        let queued = self.cmd_rx.len();
         let first = poll_handler(
             &mut handler,
             &mut Context::from_waker(std::task::Waker::noop()),
@@ -1070,7 +1083,19 @@ impl<S: Transport> Driver<S> {
             let (payload, compressed) = self
                 .link
                 .maybe_compress(payload, &mut CompressMemo::default());
-            return self.send_response(id, codec, payload, compressed);
+            if self.cmd_rx.len() == queued {
+                return self.send_response(id, codec, payload, compressed);
+            }
+            // The handler (or another task meanwhile) queued messages for this connection:
+            // the reply goes behind them, so the peer sees what the handler sent first.
+            let _ = self.link.cmd.send(Command::Respond {
+                id,
+                codec,
+                payload,
+                compressed,
+                tracked: false,
+            });
+            return;
         }
         // The rest run in a task of their own, which a CANCEL aborts.
         let link = self.link.clone();
@@ -1084,6 +1109,7 @@ impl<S: Transport> Driver<S> {
                 codec,
                 payload,
                 compressed,
+                tracked: true,
             });
         });
         self.serving.insert(id, work.abort_handle());

@@ -950,6 +950,53 @@ async fn raw_request(s: &mut TcpStream, id: u64, payload: &[u8]) -> (u16, String
     panic!("no RESPONSE among 100 frames");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_a_handler_sends_before_it_returns_goes_out_before_the_reply() {
+    let (server, addr) = start_server(builder("hub")).await;
+    let node = server.clone();
+    server
+        .create_resource(":notify", move |req: Request<Add>| {
+            let node = node.clone();
+            async move {
+                node.send(slic::Target::Peer(req.from.id), &req.body.a)
+                    .await
+                    .map_err(|e| Status::Internal(e.to_string()))?;
+                Ok::<_, Status>(Answer {
+                    answer: -req.body.a,
+                })
+            }
+        })
+        .unwrap();
+    let mut s = raw_handshake(addr, b"raw").await;
+    for id in 1..=20_u64 {
+        let payload = format!("\x07:notify{{\"a\":{id}}}");
+        let len = u32::try_from(payload.len()).unwrap();
+        let mut frame = wire::header(REQUEST, 0, id, len).to_vec();
+        frame[3] = JSON;
+        frame.extend_from_slice(payload.as_bytes());
+        within("write REQUEST", s.write_all(&frame)).await.unwrap();
+        // The frames up to the RESPONSE, in wire order (PING, WINDOW_UPDATE may mix in).
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            let (h, _) = wire::read_frame(&mut s).await;
+            assert!(
+                ![wire::ERROR, wire::GOAWAY].contains(&h.ty),
+                "closed: {h:?}"
+            );
+            seen.push(h.ty);
+            if h.ty == RESPONSE {
+                break;
+            }
+        }
+        assert_eq!(seen.last(), Some(&RESPONSE), "no RESPONSE: {seen:?}");
+        assert!(
+            seen.contains(&wire::MESSAGE),
+            "request {id}: the reply went out before the message its handler sent: {seen:?}"
+        );
+    }
+    shutdown_all(&[&server]).await;
+}
+
 #[tokio::test]
 async fn malformed_request_headers_from_a_raw_client_are_bad_requests_and_the_connection_stays() {
     let (server, addr) = start_server(builder("hub")).await;
