@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use slic::{Event, IdleStrategy, Node, PeerId, Request, Status, Target};
+use slic::{Event, FrameChecksum, IdleStrategy, Node, PeerId, Request, Status, Target};
 
 use crate::case::{Case, Outcome, RoundTrips, payload};
 
@@ -101,12 +101,15 @@ pub fn client(
 }
 
 /// The node settings a variant names: `tcp` (defaults), `tcp-park` (idle strategy PARK:
-/// never poll), `tcp-spinN` (poll N µs), `tcp-spinN-yieldM` (then M µs yielding).
+/// never poll), `tcp-checksum` / `tcp-nochecksum` (frame checksums always / never),
+/// `tcp-spinN` (poll N µs), `tcp-spinN-yieldM` (then M µs yielding).
 fn builder(variant: &str) -> Result<slic::NodeBuilder> {
     let b = Node::builder();
     Ok(match variant {
         "tcp" => b,
         "tcp-park" => b.idle_strategy(IdleStrategy::PARK),
+        "tcp-checksum" => b.frame_checksum(FrameChecksum::Always),
+        "tcp-nochecksum" => b.frame_checksum(FrameChecksum::Never),
         v if v.starts_with("tcp-window") => {
             // tcp-windowN: channel window of N KiB (connection window 4x that)
             let kib: u32 = v["tcp-window".len()..].parse()?;

@@ -220,10 +220,16 @@ impl Config {
     /// Whether to ask for a CRC-32 trailer on every frame after the handshake, so that a
     /// frame damaged in transit is a CORRUPT_FRAME error instead of wrong data delivered.
     /// Used only when both sides ask. Default `false` in this core; `slic` turns it on for
-    /// plain TCP (TLS already authenticates every record).
+    /// plain TCP across a network (not on loopback, and not on TLS, which already
+    /// authenticates every record).
     pub fn checksum(&mut self, on: bool) -> &mut Self {
         self.checksum = on;
         self
+    }
+
+    /// Whether this side asks for frame checksums (see [`checksum`](Self::checksum)).
+    pub fn wants_checksum(&self) -> bool {
+        self.checksum
     }
 
     /// The handshake deadline, for drivers that run a transport handshake (TLS) within it.

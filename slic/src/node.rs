@@ -188,8 +188,14 @@ pub enum Event {
 pub enum FrameChecksum {
     /// Never: rely on TCP's own checksum (weak: 16 bits, and blind to bugs in middleboxes).
     Never,
-    /// On plain TCP connections, not on TLS ones. The default.
+    /// On plain TCP connections that cross a network; not on loopback ones (127.0.0.0/8,
+    /// `::1`), whose bytes the kernel copies from memory to memory and no wire or middlebox
+    /// touches, and not on TLS ones. The default. A node that reaches the network through a
+    /// local proxy or tunnel (its peer address is loopback, the data then travels on) wants
+    /// [`PlainOnly`](Self::PlainOnly) or [`Always`](Self::Always).
     #[default]
+    Network,
+    /// On plain TCP connections, loopback ones included; not on TLS ones.
     PlainOnly,
     /// On every connection.
     Always,
@@ -455,8 +461,17 @@ impl NodeBuilder {
 
     /// When to ask for a CRC-32 trailer on every frame, so that a frame damaged in transit
     /// is a CORRUPT_FRAME error rather than wrong data delivered. Used when both sides ask.
-    /// Default [`FrameChecksum::PlainOnly`]: on plain TCP, not on TLS (whose records are
-    /// already authenticated).
+    /// Default [`FrameChecksum::Network`]: on plain TCP to and from other hosts; not on
+    /// loopback (nothing there can damage a byte, and the CRC costs about a tenth of the
+    /// CPU a small message takes on each side) and not on TLS (whose records are already
+    /// authenticated).
+    ///
+    /// ```
+    /// use slic::{FrameChecksum, Node};
+    /// // Checksums on loopback too, e.g. for a peer reached through a local tunnel.
+    /// let node = Node::builder().frame_checksum(FrameChecksum::PlainOnly).build()?;
+    /// # Ok::<(), slic::Error>(())
+    /// ```
     pub fn frame_checksum(mut self, when: FrameChecksum) -> Self {
         self.checksum = when;
         self
@@ -520,6 +535,14 @@ impl NodeBuilder {
                 c.checksum(self.checksum == FrameChecksum::Always);
                 Arc::new(c)
             },
+            proto_loopback: {
+                let mut c = self.proto.clone();
+                c.checksum(matches!(
+                    self.checksum,
+                    FrameChecksum::PlainOnly | FrameChecksum::Always
+                ));
+                Arc::new(c)
+            },
             proto: {
                 let mut c = self.proto;
                 c.checksum(self.checksum != FrameChecksum::Never);
@@ -556,6 +579,8 @@ pub(crate) struct NodeInner {
     pub(crate) proto: Arc<slic_proto::Config>,
     /// The same for TLS connections (which differ in the frame checksum only).
     pub(crate) proto_tls: Arc<slic_proto::Config>,
+    /// The same for plain TCP connections over loopback (frame checksum only).
+    proto_loopback: Arc<slic_proto::Config>,
     pub(crate) settings: Settings,
     peers: Mutex<HashMap<PeerId, Arc<PeerLink>>>,
     /// Messages received on channel 0 of every connection.
@@ -717,6 +742,15 @@ impl NodeInner {
         self.peers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The protocol settings for a plain TCP connection with the peer at `peer`.
+    fn plain_proto(&self, peer: SocketAddr) -> Arc<slic_proto::Config> {
+        if peer.ip().to_canonical().is_loopback() {
+            self.proto_loopback.clone()
+        } else {
+            self.proto.clone()
+        }
     }
 
     fn link(&self, id: PeerId) -> Result<Arc<PeerLink>, Error> {
@@ -919,7 +953,7 @@ impl Node {
                     Side::Client,
                     Some(tx),
                     None,
-                    inner.proto.clone(),
+                    inner.plain_proto(peer_addr),
                 ),
                 Some((connector, name)) => driver::spawn(
                     inner.clone(),
@@ -1500,7 +1534,7 @@ async fn accept_loop(
                             Side::Server,
                             None,
                             Some(slot),
-                            node.proto.clone(),
+                            node.plain_proto(addr),
                         ),
                         Some(acceptor) => {
                             // The TLS handshake runs in the connection's task, within the
@@ -1585,5 +1619,46 @@ impl Events {
             Err(broadcast::error::RecvError::Lagged(n)) => Some(Event::Lagged(n)),
             Err(broadcast::error::RecvError::Closed) => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Which plain TCP connections ask for frame checksums, by policy and peer address.
+    #[test]
+    fn frame_checksums_follow_the_policy_and_whether_the_peer_is_on_loopback() {
+        let loopback = [
+            "127.0.0.1:9",
+            "127.8.9.10:9",
+            "[::1]:9",
+            "[::ffff:127.0.0.1]:9",
+        ];
+        let remote = [
+            "10.1.2.3:9",
+            "192.0.2.7:9",
+            "[2001:db8::1]:9",
+            "[::ffff:10.0.0.1]:9",
+        ];
+        let cases = [
+            (FrameChecksum::Network, false, true),
+            (FrameChecksum::PlainOnly, true, true),
+            (FrameChecksum::Always, true, true),
+            (FrameChecksum::Never, false, false),
+        ];
+        for (policy, on_loopback, on_remote) in cases {
+            let node = Node::builder().frame_checksum(policy).build().unwrap();
+            let inner = node.inner();
+            for (addrs, want) in [(&loopback, on_loopback), (&remote, on_remote)] {
+                for a in addrs {
+                    let got = inner.plain_proto(a.parse().unwrap()).wants_checksum();
+                    assert_eq!(got, want, "{policy:?} to {a}");
+                }
+            }
+            let tls = inner.proto_tls.wants_checksum();
+            assert_eq!(tls, policy == FrameChecksum::Always, "{policy:?} over TLS");
+        }
+        assert_eq!(FrameChecksum::default(), FrameChecksum::Network);
     }
 }

@@ -9,7 +9,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use slic::{DisconnectReason, Event, Events, Node, NodeBuilder, PeerId};
+use slic::{DisconnectReason, Event, Events, FrameChecksum, Node, NodeBuilder, PeerId};
 use slic_test::proxy::FaultProxy;
 use slic_test::rng::Rng;
 
@@ -47,9 +47,13 @@ pub(crate) fn announce(test: &str, seed: u64) -> u64 {
     seed
 }
 
-/// A builder with the given node name and default settings otherwise.
+/// A builder with the given node name and default settings otherwise, except for frame
+/// checksums: the proxy stands in for a network between the nodes, so they check frames as
+/// nodes on two hosts would (by default, loopback connections carry no checksum).
 pub(crate) fn builder(name: &str) -> NodeBuilder {
-    Node::builder().name(name)
+    Node::builder()
+        .name(name)
+        .frame_checksum(FrameChecksum::PlainOnly)
 }
 
 /// Builds a node from `builder` and listens on 127.0.0.1 with a port picked by the OS.
