@@ -1,6 +1,8 @@
 //! The connection state machine: handshake, channels, flow control, keepalive and close.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use crate::idmap::IdMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -273,7 +275,7 @@ pub struct Connection {
     last_recv: Instant,
     control: VecDeque<Transmit>,
     events: VecDeque<Event>,
-    channels: HashMap<u32, ChannelState>,
+    channels: IdMap<u32, ChannelState>,
     ready: VecDeque<u32>,
     conn_send_credit: u32,
     conn_recv_window: u32,
@@ -330,7 +332,7 @@ impl Connection {
             last_recv: now,
             control: VecDeque::new(),
             events: VecDeque::new(),
-            channels: HashMap::new(),
+            channels: crate::idmap::id_map(),
             ready: VecDeque::new(),
             conn_send_credit: 0,
             conn_recv_window: config.connection_window,

@@ -53,6 +53,7 @@ pub mod connection;
 pub mod error;
 pub mod frame;
 pub mod handshake;
+pub mod idmap;
 pub mod limit;
 
 pub use config::{Compression, Config, ConfigError};
@@ -63,3 +64,4 @@ pub use connection::{
 pub use error::{ConnectionError, DecodeError, ErrorCode, Initiator, OpenError, SendError};
 pub use frame::{CodecId, Decoder, Frame, FrameType, HEADER_LEN, Header};
 pub use handshake::Hello;
+pub use idmap::{IdMap, id_map};

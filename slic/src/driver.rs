@@ -4,7 +4,6 @@
 //! handle timers, forward events (STYLE.md §5). Handles reach the task through an unbounded
 //! command queue whose memory is bounded by the peer's send semaphore (`buffer_cap` bytes).
 
-use std::collections::HashMap;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -16,7 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use slic_proto::{
     CodecId, Compression, Connection, ConnectionError, ErrorCode, Event as ProtoEvent, HEADER_LEN,
-    Initiator, Kind, SendError, Side, Transmit,
+    IdMap, Initiator, Kind, SendError, Side, Transmit, id_map,
 };
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -152,7 +151,7 @@ pub(crate) struct PeerLink {
     pub(crate) done: CancellationToken,
     pub(crate) kill: CancellationToken,
     /// Requests this side sent and awaits, by request id.
-    pending: Arc<Mutex<HashMap<u64, oneshot::Sender<Reply>>>>,
+    pending: Arc<Mutex<IdMap<u64, oneshot::Sender<Reply>>>>,
     next_request: Arc<AtomicU64>,
 }
 
@@ -468,15 +467,15 @@ pub(crate) fn spawn<S, F>(
             need_flush: false,
             eof: false,
             held: 0,
-            sinks: HashMap::new(),
-            credits: HashMap::new(),
+            sinks: id_map(),
+            credits: id_map(),
             inbox_credit: None,
             inbox_batch: std::collections::VecDeque::new(),
             ready,
             closed: None,
             connected: false,
             close_requested: false,
-            serving: HashMap::new(),
+            serving: id_map(),
             slow_since: None,
             slow_cut: false,
             reinject: std::collections::VecDeque::new(),
@@ -524,8 +523,8 @@ struct Driver<S> {
     out: OutBuf,
     /// Send-buffer permits taken by queued messages and not yet given back.
     held: usize,
-    sinks: HashMap<u32, mpsc::UnboundedSender<Delivery>>,
-    credits: HashMap<u32, Arc<CreditReturn>>,
+    sinks: IdMap<u32, mpsc::UnboundedSender<Delivery>>,
+    credits: IdMap<u32, Arc<CreditReturn>>,
     /// `credits` of channel 0, where every `send` goes: kept at hand for the stream of
     /// messages, instead of a map lookup each.
     inbox_credit: Option<Arc<CreditReturn>>,
@@ -536,7 +535,7 @@ struct Driver<S> {
     connected: bool,
     close_requested: bool,
     /// Requests from the peer being served here, by request id.
-    serving: HashMap<u64, tokio::task::AbortHandle>,
+    serving: IdMap<u64, tokio::task::AbortHandle>,
     /// Since when the peer's send buffer has been full.
     slow_since: Option<TokioInstant>,
     /// What the peer's certificate proved, set on its `PeerInfo` at the handshake.

@@ -549,7 +549,7 @@ impl NodeBuilder {
                 Arc::new(c)
             },
             settings: self.settings,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(slic_proto::id_map()),
             inbox: Inbox::default(),
             pending_channels: Mutex::new(std::collections::VecDeque::new()),
             pending_notify: tokio::sync::Notify::new(),
@@ -582,7 +582,7 @@ pub(crate) struct NodeInner {
     /// The same for plain TCP connections over loopback (frame checksum only).
     proto_loopback: Arc<slic_proto::Config>,
     pub(crate) settings: Settings,
-    peers: Mutex<HashMap<PeerId, Arc<PeerLink>>>,
+    peers: Mutex<slic_proto::IdMap<PeerId, Arc<PeerLink>>>,
     /// Messages received on channel 0 of every connection.
     pub(crate) inbox: Inbox,
     /// Channels opened by peers and not yet accepted, oldest first.
@@ -736,7 +736,7 @@ impl NodeInner {
         let _ = self.events.send(event);
     }
 
-    fn peers_lock(&self) -> std::sync::MutexGuard<'_, HashMap<PeerId, Arc<PeerLink>>> {
+    fn peers_lock(&self) -> std::sync::MutexGuard<'_, slic_proto::IdMap<PeerId, Arc<PeerLink>>> {
         // The lock is never held across an await or user code, so poisoning can only follow a
         // panic inside this module's short critical sections; the map is still consistent.
         self.peers
