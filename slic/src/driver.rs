@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, debug_span};
 
 use crate::channel::Channel;
+use crate::commands::CommandQueue;
 use crate::compress;
 use crate::error::Error;
 use crate::idle::{IdleStrategy, Phase};
@@ -76,7 +77,7 @@ pub(crate) struct CreditReturn {
     channel: u32,
     pending: AtomicU32,
     threshold: u32,
-    cmd: mpsc::UnboundedSender<Command>,
+    cmd: Arc<CommandQueue<Command>>,
 }
 
 impl CreditReturn {
@@ -104,7 +105,7 @@ impl Delivery {
     /// A message from nowhere whose id is `id`, with no credit to return.
     #[cfg(test)]
     pub(crate) fn for_test(id: u64) -> Self {
-        let (cmd, _) = mpsc::unbounded_channel();
+        let cmd = Arc::default();
         Self {
             msg: Message {
                 from: PeerInfo {
@@ -138,7 +139,7 @@ impl Delivery {
 #[derive(Debug)]
 pub(crate) struct PeerLink {
     pub(crate) info: PeerInfo,
-    pub(crate) cmd: mpsc::UnboundedSender<Command>,
+    pub(crate) cmd: Arc<CommandQueue<Command>>,
     sem: Arc<Semaphore>,
     buffer_cap: usize,
     /// The peer's handshake limits (set when the link is rebuilt at the handshake; zero
@@ -415,7 +416,7 @@ pub(crate) fn spawn<S, F>(
     F: Future<Output = io::Result<(S, Option<PeerIdentity>)>> + Send + 'static,
 {
     let id = node.next_peer_id();
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+    let cmd = Arc::new(CommandQueue::default());
     let buffer_cap = node.settings.buffer_cap;
     let link = Arc::new(PeerLink {
         info: PeerInfo {
@@ -424,7 +425,7 @@ pub(crate) fn spawn<S, F>(
             addr,
             identity: None,
         },
-        cmd: cmd_tx,
+        cmd,
         sem: Arc::new(Semaphore::new(buffer_cap)),
         buffer_cap,
         codecs: 0,
@@ -459,7 +460,7 @@ pub(crate) fn spawn<S, F>(
         let driver = Driver {
             conn,
             stream,
-            cmd_rx,
+            cmds: std::collections::VecDeque::new(),
             link,
             node,
             rbuf: BytesMut::with_capacity(8 << 10),
@@ -516,7 +517,8 @@ struct Driver<S> {
     need_flush: bool,
     /// The peer closed its side; no more reads.
     eof: bool,
-    cmd_rx: mpsc::UnboundedReceiver<Command>,
+    /// Commands taken from the link's queue and not yet carried out.
+    cmds: std::collections::VecDeque<Command>,
     link: Arc<PeerLink>,
     node: Arc<NodeInner>,
     rbuf: BytesMut,
@@ -557,6 +559,9 @@ struct Driver<S> {
 impl<S: Transport> Driver<S> {
     async fn run(mut self) {
         let result = self.drive().await;
+        // Senders learn that the connection is gone; what they queued is dropped.
+        drop(self.link.cmd.close());
+        self.cmds.clear();
         self.node.spin_slot.release(self.link.info.id.0 as usize);
         let reason = match (result, self.closed.take()) {
             _ if self.slow_cut => DisconnectReason::SlowConsumer,
@@ -684,17 +689,15 @@ impl<S: Transport> Driver<S> {
                         None => {}
                     }
                 }
-                cmd = self.cmd_rx.recv(), if self.closed.is_none() => {
-                    last_active = Instant::now();
-                    if let Some(cmd) = cmd {
-                        self.command(cmd);
-                        for _ in 0..COMMAND_BUDGET {
-                            match self.cmd_rx.try_recv() {
-                                Ok(cmd) => self.command(cmd),
-                                Err(_) => break,
-                            }
-                        }
+                () = std::future::poll_fn(|cx| {
+                    if self.cmds.is_empty() {
+                        self.link.cmd.poll_take(cx, &mut self.cmds)
+                    } else {
+                        Poll::Ready(())
                     }
+                }), if self.closed.is_none() => {
+                    last_active = Instant::now();
+                    self.run_commands();
                 }
                 () = &mut sleep, if armed.is_some() => {
                     if linger_deadline.is_some_and(|l| TokioInstant::now() >= l) {
@@ -761,13 +764,9 @@ impl<S: Transport> Driver<S> {
                 // Let the regular read meet and report the error.
                 Some(Err(_)) => break,
             }
-            match self.cmd_rx.try_recv() {
-                Ok(cmd) => {
-                    self.command(cmd);
-                    return true;
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-                Err(mpsc::error::TryRecvError::Empty) => {}
+            if !self.cmds.is_empty() || self.link.cmd.take_all(&mut self.cmds) {
+                self.run_commands();
+                return true;
             }
             if self.link.kill.is_cancelled() {
                 break;
@@ -788,6 +787,16 @@ impl<S: Transport> Driver<S> {
         }
         // Deliver as we go so a large read does not pile up events.
         self.dispatch_events();
+    }
+
+    /// Carries out queued commands, at most `COMMAND_BUDGET` before the socket gets its turn.
+    fn run_commands(&mut self) {
+        for _ in 0..COMMAND_BUDGET {
+            let Some(cmd) = self.cmds.pop_front() else {
+                break;
+            };
+            self.command(cmd);
+        }
     }
 
     fn command(&mut self, cmd: Command) {
@@ -1072,7 +1081,7 @@ impl<S: Transport> Driver<S> {
         // those here, without a task, a wake-up and a command each. The waker is a no-op:
         // a handler that is not ready is polled again at once by its own task below, which
         // registers that task's waker instead.
-        let queued = self.cmd_rx.len();
+        let queued = self.link.cmd.pushed();
         let first = poll_handler(
             &mut handler,
             &mut Context::from_waker(std::task::Waker::noop()),
@@ -1082,11 +1091,12 @@ impl<S: Transport> Driver<S> {
             let (payload, compressed) = self
                 .link
                 .maybe_compress(payload, &mut CompressMemo::default());
-            if self.cmd_rx.len() == queued {
+            if self.cmds.is_empty() && self.link.cmd.pushed() == queued {
                 return self.send_response(id, codec, payload, compressed);
             }
-            // The handler (or another task meanwhile) queued messages for this connection:
-            // the reply goes behind them, so the peer sees what the handler sent first.
+            // Commands wait for this connection (the handler, or another task, queued messages
+            // meanwhile, or some were queued before and not yet carried out): the reply goes
+            // behind them, so the peer sees what was sent first.
             let _ = self.link.cmd.send(Command::Respond {
                 id,
                 codec,

@@ -58,6 +58,7 @@ pub mod blocking;
 pub struct ReadmeDoctests;
 mod channel;
 mod codec;
+mod commands;
 mod compress;
 mod driver;
 mod error;
