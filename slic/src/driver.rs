@@ -28,6 +28,7 @@ use crate::commands::CommandQueue;
 use crate::compress;
 use crate::error::Error;
 use crate::idle::{IdleStrategy, Phase};
+use crate::inbox::Run;
 use crate::node::{
     ChannelId, ConnectionSlot, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId,
     PeerInfo,
@@ -82,10 +83,37 @@ pub(crate) struct CreditReturn {
 
 impl CreditReturn {
     pub(crate) fn consume(&self, credit: u32) {
-        let before = self.pending.fetch_add(credit, Ordering::AcqRel);
-        if before < self.threshold && before.saturating_add(credit) >= self.threshold {
-            let _ = self.cmd.send(Command::Release(self.channel));
+        if self.add(credit) {
+            self.release();
         }
+    }
+
+    /// Counts `credit` as consumed; true when the pending credit just reached the step at
+    /// which it goes back to the connection ([`release`](Self::release)).
+    pub(crate) fn add(&self, credit: u32) -> bool {
+        let before = self.pending.fetch_add(credit, Ordering::AcqRel);
+        before < self.threshold && before.saturating_add(credit) >= self.threshold
+    }
+
+    /// Asks the connection to hand the pending credit back to the peer.
+    pub(crate) fn release(&self) {
+        let _ = self.cmd.send(Command::Release(self.channel));
+    }
+
+    /// A credit counter of no connection, which never asks for a release.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> Arc<Self> {
+        Arc::new(Self {
+            channel: 0,
+            pending: AtomicU32::new(0),
+            threshold: u32::MAX,
+            cmd: Arc::default(),
+        })
+    }
+
+    #[cfg(test)]
+    pub(crate) fn pending_for_test(&self) -> u32 {
+        self.pending.load(Ordering::Acquire)
     }
 }
 
@@ -101,37 +129,24 @@ impl Delivery {
         self.credit.consume(self.amount);
         self.msg
     }
+}
 
-    /// A message from nowhere whose id is `id`, with no credit to return.
-    #[cfg(test)]
+#[cfg(test)]
+impl Message {
+    /// An empty message from nowhere whose id is `id`.
     pub(crate) fn for_test(id: u64) -> Self {
-        let cmd = Arc::default();
         Self {
-            msg: Message {
-                from: PeerInfo {
-                    id: PeerId(1),
-                    name: Arc::from("test"),
-                    addr: SocketAddr::from(([127, 0, 0, 1], 1)),
-                    identity: None,
-                },
-                id: MessageId(id),
-                channel: ChannelId(0),
-                codec: CodecId::Raw,
-                body: Bytes::new(),
+            from: PeerInfo {
+                id: PeerId(1),
+                name: Arc::from("test"),
+                addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+                identity: None,
             },
-            credit: Arc::new(CreditReturn {
-                channel: 0,
-                pending: AtomicU32::new(0),
-                threshold: u32::MAX,
-                cmd,
-            }),
-            amount: 0,
+            id: MessageId(id),
+            channel: ChannelId(0),
+            codec: CodecId::Raw,
+            body: Bytes::new(),
         }
-    }
-
-    #[cfg(test)]
-    pub(crate) fn test_id(&self) -> u64 {
-        self.msg.id.0
     }
 }
 
@@ -531,7 +546,7 @@ struct Driver<S> {
     /// messages, instead of a map lookup each.
     inbox_credit: Option<Arc<CreditReturn>>,
     /// Messages for the node's inbox from this round of events, handed over together.
-    inbox_batch: std::collections::VecDeque<Delivery>,
+    inbox_batch: Run,
     ready: Option<oneshot::Sender<Result<PeerId, Error>>>,
     closed: Option<ConnectionError>,
     connected: bool,
@@ -911,7 +926,7 @@ impl<S: Transport> Driver<S> {
             let to_inbox = matches!(&ev, ProtoEvent::Message(m)
                 if m.kind == Kind::Message && m.channel == 0 && !m.compressed);
             if !to_inbox {
-                self.node.inbox.push_all(&mut self.inbox_batch);
+                self.flush_inbox();
             }
             match ev {
                 ProtoEvent::Connected(hello) => self.on_connected(&hello),
@@ -975,26 +990,26 @@ impl<S: Transport> Driver<S> {
                     }
                 }
                 ProtoEvent::Message(m) => {
-                    let credit = self.credit_for(m.channel);
+                    let msg = Message {
+                        from: self.link.info.clone(),
+                        id: MessageId(m.id),
+                        channel: ChannelId(m.channel),
+                        codec: m.codec,
+                        body: m.payload,
+                    };
+                    if m.channel == 0 {
+                        // Its credit goes with the run: see `flush_inbox`.
+                        self.inbox_batch.push_back((msg, m.credit));
+                        continue;
+                    }
                     let delivery = Delivery {
-                        msg: Message {
-                            from: self.link.info.clone(),
-                            id: MessageId(m.id),
-                            channel: ChannelId(m.channel),
-                            codec: m.codec,
-                            body: m.payload,
-                        },
-                        credit,
+                        msg,
+                        credit: self.credit_for(m.channel),
                         amount: m.credit,
                     };
-                    let undelivered = if m.channel == 0 {
-                        self.inbox_batch.push_back(delivery);
-                        None
-                    } else {
-                        match self.sinks.get(&m.channel) {
-                            Some(sink) => sink.send(delivery).err().map(|e| e.0),
-                            None => Some(delivery),
-                        }
+                    let undelivered = match self.sinks.get(&m.channel) {
+                        Some(sink) => sink.send(delivery).err().map(|e| e.0),
+                        None => Some(delivery),
                     };
                     // Nobody will read it (the channel handle was dropped): free its credit.
                     if let Some(d) = undelivered {
@@ -1033,8 +1048,16 @@ impl<S: Transport> Driver<S> {
                 _ => {}
             }
         }
-        // One lock and one wake-up for all the messages this round produced.
-        self.node.inbox.push_all(&mut self.inbox_batch);
+        self.flush_inbox();
+    }
+
+    /// Hands the messages gathered for the node's inbox over, with one lock and at most one
+    /// wake-up for all of them.
+    fn flush_inbox(&mut self) {
+        if !self.inbox_batch.is_empty() {
+            let credit = self.credit_for(0);
+            self.node.inbox.push_all(&credit, &mut self.inbox_batch);
+        }
     }
 
     fn respond(&mut self, id: u64, reply: &Reply) {

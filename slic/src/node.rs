@@ -24,7 +24,7 @@ use tracing::{Instrument, debug, debug_span};
 
 use crate::channel::Channel;
 use crate::codec::{self, Codec};
-use crate::driver::{self, Command, CompressMemo, Delivery, PeerLink, TrySubmitError};
+use crate::driver::{self, Command, CompressMemo, PeerLink, TrySubmitError};
 use crate::error::Error;
 use crate::idle::{IdleStrategy, SpinSlot};
 use crate::inbox::Inbox;
@@ -792,14 +792,10 @@ impl NodeInner {
         }
         // Fast path, for a receiver that keeps up with a stream: no wait list, no shutdown
         // listener.
-        if let Some(d) = self.inbox.try_pop() {
-            return Ok(d.consume());
+        if let Some(m) = self.inbox.try_pop() {
+            return Ok(m);
         }
-        self.inbox
-            .pop(&self.shutdown)
-            .await
-            .map(Delivery::consume)
-            .ok_or(Error::Shutdown)
+        self.inbox.pop(&self.shutdown).await.ok_or(Error::Shutdown)
     }
 }
 
@@ -1139,7 +1135,7 @@ impl Node {
         if inner.shut.load(Ordering::Acquire) {
             return Err(Error::Shutdown);
         }
-        Ok(inner.inbox.try_pop().map(Delivery::consume))
+        Ok(inner.inbox.try_pop())
     }
 
     /// Waits up to `timeout` for a message; `Ok(None)` when none came.
