@@ -32,9 +32,15 @@ pub(crate) struct Inbox {
 #[derive(Default)]
 struct State {
     runs: VecDeque<(Arc<CreditReturn>, Run)>,
+    /// Emptied runs, kept for their buffers: a stream fills and empties runs all the time,
+    /// and fresh buffers of that size cost page faults.
+    spare: Vec<Run>,
     /// Receivers asleep in `pop` (or about to be): pushes wake one only when there are any.
     sleepers: usize,
 }
+
+/// Emptied runs kept for reuse, at most.
+const SPARE_RUNS: usize = 4;
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -59,8 +65,8 @@ impl Inbox {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Appends `run` (emptying it), messages of the connection whose credit is `credit`, and
-    /// wakes a receiver if one sleeps.
+    /// Appends `run` (emptying it, its buffer stays), messages of the connection whose credit
+    /// is `credit`, and wakes a receiver if one sleeps.
     pub(crate) fn push_all(&self, credit: &Arc<CreditReturn>, run: &mut Run) {
         if run.is_empty() {
             return;
@@ -69,7 +75,11 @@ impl Inbox {
             let mut s = self.lock();
             match s.runs.back_mut() {
                 Some((c, last)) if Arc::ptr_eq(c, credit) => last.append(run),
-                _ => s.runs.push_back((credit.clone(), std::mem::take(run))),
+                _ => {
+                    let mut fresh = s.spare.pop().unwrap_or_default();
+                    fresh.append(run);
+                    s.runs.push_back((credit.clone(), fresh));
+                }
             }
             s.sleepers > 0
         };
@@ -86,8 +96,11 @@ impl Inbox {
         // Counted under the lock, without a reference of our own; the rare command that
         // hands the credit back to the connection is sent after unlocking.
         let release = credit.add(amount).then(|| credit.clone());
-        if run.is_empty() {
-            s.runs.pop_front();
+        if run.is_empty()
+            && let Some((_, emptied)) = s.runs.pop_front()
+            && s.spare.len() < SPARE_RUNS
+        {
+            s.spare.push(emptied);
         }
         let wake_another = s.sleepers > 0 && !s.runs.is_empty();
         drop(s);
