@@ -1109,7 +1109,6 @@ impl<S: Transport> Driver<S> {
         // those here, without a task, a wake-up and a command each. The waker is a no-op:
         // a handler that is not ready is polled again at once by its own task below, which
         // registers that task's waker instead.
-        let queued = self.link.cmd.pushed();
         let first = poll_handler(
             &mut handler,
             &mut Context::from_waker(std::task::Waker::noop()),
@@ -1119,12 +1118,14 @@ impl<S: Transport> Driver<S> {
             let (payload, compressed) = self
                 .link
                 .maybe_compress(payload, &mut CompressMemo::default());
-            if self.cmds.is_empty() && self.link.cmd.pushed() == queued {
+            // The task takes no commands while the handler runs, so empty queues mean nothing
+            // was sent to this peer that is still waiting: not before the request (by any
+            // task), and not by the handler itself.
+            if self.cmds.is_empty() && self.link.cmd.is_empty() {
                 return self.send_response(id, codec, payload, compressed);
             }
-            // Commands wait for this connection (the handler, or another task, queued messages
-            // meanwhile, or some were queued before and not yet carried out): the reply goes
-            // behind them, so the peer sees what was sent first.
+            // Commands wait for this connection: the reply goes behind them, so the peer sees
+            // what was sent first.
             let _ = self.link.cmd.send(Command::Respond {
                 id,
                 codec,
