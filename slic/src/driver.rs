@@ -576,12 +576,27 @@ struct Driver<S> {
     settled: u64,
 }
 
+/// Also when the task panics: senders must learn that nobody takes their messages any more.
+impl<S> Drop for Driver<S> {
+    fn drop(&mut self) {
+        self.close_handles();
+    }
+}
+
+impl<S> Driver<S> {
+    /// Refuses further commands and sends (queued ones are dropped) and wakes senders that
+    /// wait for room. Idempotent.
+    fn close_handles(&mut self) {
+        drop(self.link.cmd.close());
+        self.cmds.clear();
+        self.link.sem.close();
+    }
+}
+
 impl<S: Transport> Driver<S> {
     async fn run(mut self) {
         let result = self.drive().await;
-        // Senders learn that the connection is gone; what they queued is dropped.
-        drop(self.link.cmd.close());
-        self.cmds.clear();
+        self.close_handles();
         self.node.spin_slot.release(self.link.info.id.0 as usize);
         let reason = match (result, self.closed.take()) {
             _ if self.slow_cut => DisconnectReason::SlowConsumer,
@@ -589,7 +604,6 @@ impl<S: Transport> Driver<S> {
             (Ok(()), Some(e)) => DisconnectReason::from_connection_error(e),
             (Ok(()), None) => DisconnectReason::Local,
         };
-        self.link.sem.close();
         self.sinks.clear();
         self.node.forget_channels_of(self.link.info.id);
         // Callers waiting for a response learn that the connection is gone; handlers still
