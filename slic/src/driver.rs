@@ -307,11 +307,6 @@ impl PeerLink {
     /// algorithm and compressing makes it smaller. Runs in the sender's task, not the
     /// connection's, so a busy connection does not also pay for its senders' compression
     /// (except for replies of handlers answered inline, which run in the connection's task).
-    /// Whether [`prepare`](Self::prepare) tries to compress a payload of `len` bytes.
-    pub(crate) fn compresses(&self, len: usize) -> bool {
-        self.compression.is_some() && len >= self.compression_threshold
-    }
-
     fn maybe_compress(&self, payload: Bytes, memo: &mut CompressMemo) -> (Bytes, bool) {
         match self.compression {
             Some(alg) if payload.len() >= self.compression_threshold => {

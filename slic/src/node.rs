@@ -1027,36 +1027,16 @@ impl Node {
         let inner = self.inner();
         if let Target::Peer(peer) = target {
             // The common case, without the lists the general path below builds.
+            let link = inner.link(peer)?;
             let id = inner.next_message_id();
-            let prepare = |link: &PeerLink, payload| {
-                link.prepare(
-                    Kind::Message,
-                    0,
-                    id.0,
-                    codec,
-                    payload,
-                    &mut CompressMemo::default(),
-                )
-            };
-            let (link, out) = {
-                let peers = inner.peers_lock();
-                let link = peers.get(&peer).ok_or(Error::UnknownPeer(peer))?;
-                if link.compresses(payload.len()) {
-                    // Compressing takes a while: not under the peer table's lock.
-                    let link = link.clone();
-                    drop(peers);
-                    let out = prepare(&link, payload)?;
-                    (link, out)
-                } else {
-                    // Queued under the lock when there is room, without taking a reference
-                    // to the link (two atomic operations less per message).
-                    match link.try_submit(prepare(link, payload)?) {
-                        Ok(()) => return Ok(id),
-                        Err(TrySubmitError::Full(out)) => (link.clone(), out),
-                        Err(TrySubmitError::Gone(p)) => return Err(Error::UnknownPeer(p)),
-                    }
-                }
-            };
+            let out = link.prepare(
+                Kind::Message,
+                0,
+                id.0,
+                codec,
+                payload,
+                &mut CompressMemo::default(),
+            )?;
             return match link.try_submit(out) {
                 Ok(()) => Ok(id),
                 Err(TrySubmitError::Full(out)) => link.submit(out).await.map(|()| id),
