@@ -53,6 +53,7 @@ pub struct Config {
     pub(crate) control_budget: (u32, u32),
     pub(crate) compression: Vec<Compression>,
     pub(crate) checksum: bool,
+    pub(crate) checksum_if_asked: bool,
 }
 
 impl Default for Config {
@@ -71,6 +72,7 @@ impl Default for Config {
             control_budget: (2_000, 1_000),
             compression: Vec::new(),
             checksum: false,
+            checksum_if_asked: false,
         }
     }
 }
@@ -230,6 +232,23 @@ impl Config {
     /// Whether this side asks for frame checksums (see [`checksum`](Self::checksum)).
     pub fn wants_checksum(&self) -> bool {
         self.checksum
+    }
+
+    /// On the server side of a connection: when [`checksum`](Self::checksum) is off, ask for
+    /// frame checksums anyway if the client's HELLO asks for them, so that the client's wish
+    /// decides. Default `false`. `slic` sets it for loopback connections, where the client's
+    /// side may know better: a server reached through a local TCP forwarder sees a loopback
+    /// peer while the client's bytes crossed a network. A client ignores it (it speaks
+    /// first, before it knows the server's wish).
+    pub fn checksum_if_asked(&mut self, on: bool) -> &mut Self {
+        self.checksum_if_asked = on;
+        self
+    }
+
+    /// Whether a server asks for frame checksums when the client does (see
+    /// [`checksum_if_asked`](Self::checksum_if_asked)).
+    pub fn follows_checksum(&self) -> bool {
+        self.checksum_if_asked
     }
 
     /// The handshake deadline, for drivers that run a transport handshake (TLS) within it.

@@ -846,9 +846,14 @@ impl Connection {
                 }
             },
         };
+        // A server may follow the client's wish (Config::checksum_if_asked); a client's own
+        // wish is what its HELLO said.
+        let wants_checksum = self.config.checksum
+            || (self.side == Side::Server && self.config.checksum_if_asked && hello.checksum);
         if self.side == Side::Server {
             let mut welcome = self.local_hello(version);
             welcome.compression = self.compression.map(|c| c as u8).into_iter().collect();
+            welcome.checksum = wants_checksum;
             self.push_control(FrameType::Welcome, 0, 0, welcome.encode());
         }
         let ours = self.config.heartbeat.as_millis();
@@ -862,7 +867,7 @@ impl Connection {
         self.heartbeat = (hb > 0).then(|| Duration::from_millis(hb as u64));
         self.conn_send_credit = hello.connection_window;
         self.decoder.set_max_payload(self.config.max_frame_size);
-        self.checksum = self.config.checksum && hello.checksum;
+        self.checksum = wants_checksum && hello.checksum;
         self.decoder.set_checksum(self.checksum);
         self.channels.insert(
             0,

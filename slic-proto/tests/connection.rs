@@ -2485,6 +2485,49 @@ fn checksums_are_used_only_when_both_sides_ask() {
 }
 
 #[test]
+fn a_server_set_to_follow_asks_for_checksums_exactly_when_the_client_does() {
+    for client_asks in [true, false] {
+        let mut server = config("s");
+        server.checksum_if_asked(true);
+        assert!(!server.wants_checksum() && server.follows_checksum());
+        let mut pair = Pair::new(with_checksum("c", client_asks), server);
+        pair.drive();
+        // The client learns the server's wish from WELCOME: bit 0 set only if it asked.
+        match pair.client.take_events().as_slice() {
+            [Event::Connected(welcome)] => assert_eq!(welcome.checksum, client_asks),
+            other => panic!("client: {other:?}"),
+        }
+        for (side, name) in [(&mut pair.client, "client"), (&mut pair.server, "server")] {
+            side.conn
+                .send_message(0, 1, CodecId::Raw, Bytes::from_static(b"hello"))
+                .unwrap();
+            let t = side.conn.poll_transmit(pair.now).expect("a frame");
+            assert_eq!(
+                t.trailer.is_some(),
+                client_asks,
+                "{name}, client asks {client_asks}"
+            );
+        }
+    }
+    // A client set to follow has nothing to follow: it asks only if told to.
+    let mut client = config("c");
+    client.checksum_if_asked(true);
+    let mut pair = Pair::connected(client, with_checksum("s", true));
+    pair.client
+        .conn
+        .send_message(0, 1, CodecId::Raw, Bytes::from_static(b"hello"))
+        .unwrap();
+    assert!(
+        pair.client
+            .conn
+            .poll_transmit(pair.now)
+            .unwrap()
+            .trailer
+            .is_none()
+    );
+}
+
+#[test]
 fn a_flipped_payload_bit_is_a_corrupt_frame_and_never_delivered() {
     let mut pair = Pair::connected(with_checksum("c", true), with_checksum("s", true));
     pair.client

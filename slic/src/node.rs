@@ -190,8 +190,13 @@ pub enum FrameChecksum {
     Never,
     /// On plain TCP connections that cross a network; not on loopback ones (127.0.0.0/8,
     /// `::1`), whose bytes the kernel copies from memory to memory and no wire or middlebox
-    /// touches, and not on TLS ones. The default. A node that reaches the network through a
-    /// local proxy or tunnel (its peer address is loopback, the data then travels on) wants
+    /// touches, and not on TLS ones. The default.
+    ///
+    /// A server accepting a loopback connection follows the client: it asks for checksums
+    /// when the client does. So a server behind a local TCP forwarder (socat, a port
+    /// forward), which sees every peer as 127.0.0.1, still gets checksums from remote clients
+    /// that ask for them. A *client* that reaches the network through a local proxy or tunnel
+    /// sees a loopback address too and does not ask: it wants
     /// [`PlainOnly`](Self::PlainOnly) or [`Always`](Self::Always).
     #[default]
     Network,
@@ -463,12 +468,13 @@ impl NodeBuilder {
     /// is a CORRUPT_FRAME error rather than wrong data delivered. Used when both sides ask.
     /// Default [`FrameChecksum::Network`]: on plain TCP to and from other hosts; not on
     /// loopback (nothing there can damage a byte, and the CRC costs about a tenth of the
-    /// CPU a small message takes on each side) and not on TLS (whose records are already
-    /// authenticated).
+    /// CPU a small message takes on each side) unless this node is the server and the
+    /// client asks, and not on TLS (whose records are already authenticated).
     ///
     /// ```
     /// use slic::{FrameChecksum, Node};
-    /// // Checksums on loopback too, e.g. for a peer reached through a local tunnel.
+    /// // Checksums on loopback too, e.g. for a client that reaches its server through a
+    /// // local tunnel.
     /// let node = Node::builder().frame_checksum(FrameChecksum::PlainOnly).build()?;
     /// # Ok::<(), slic::Error>(())
     /// ```
@@ -541,6 +547,9 @@ impl NodeBuilder {
                     self.checksum,
                     FrameChecksum::PlainOnly | FrameChecksum::Always
                 ));
+                // A server behind a local forwarder sees loopback peers whose bytes crossed a
+                // network: there the client, which sees the real address, decides.
+                c.checksum_if_asked(self.checksum == FrameChecksum::Network);
                 Arc::new(c)
             },
             proto: {
@@ -1648,8 +1657,12 @@ mod tests {
             let inner = node.inner();
             for (addrs, want) in [(&loopback, on_loopback), (&remote, on_remote)] {
                 for a in addrs {
-                    let got = inner.plain_proto(a.parse().unwrap()).wants_checksum();
-                    assert_eq!(got, want, "{policy:?} to {a}");
+                    let proto = inner.plain_proto(a.parse().unwrap());
+                    assert_eq!(proto.wants_checksum(), want, "{policy:?} to {a}");
+                    // Only a loopback server that does not ask on its own follows the
+                    // client (a server behind a local forwarder).
+                    let follows = policy == FrameChecksum::Network && addrs == &loopback;
+                    assert_eq!(proto.follows_checksum(), follows, "{policy:?} to {a}");
                 }
             }
             let tls = inner.proto_tls.wants_checksum();
