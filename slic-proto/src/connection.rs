@@ -1270,9 +1270,16 @@ impl Connection {
                     return None;
                 }
                 let chunk = remaining.min(max_frame).min(credit - HEADER_LEN);
-                let payload = msg.payload.slice(msg.offset..msg.offset + chunk);
+                let more = chunk < remaining;
+                // A message sent in one frame hands its payload over: a slice would take a
+                // reference and the queue's copy drop one, two atomic operations per
+                // message on a count the sender's thread touches too.
+                let payload = if msg.offset == 0 && !more {
+                    std::mem::take(&mut msg.payload)
+                } else {
+                    msg.payload.slice(msg.offset..msg.offset + chunk)
+                };
                 msg.offset += chunk;
-                let more = msg.offset < msg.payload.len();
                 let header = Header {
                     ty: msg.kind.frame_type(),
                     flags: if more { flags::MORE } else { 0 }
