@@ -28,7 +28,7 @@ use crate::commands::CommandQueue;
 use crate::compress;
 use crate::error::Error;
 use crate::idle::{IdleStrategy, Phase};
-use crate::inbox::Run;
+use crate::inbox::{Entry, Run};
 use crate::node::{
     ChannelId, ConnectionSlot, DisconnectReason, Event, Message, MessageId, NodeInner, PeerId,
     PeerInfo,
@@ -1003,6 +1003,15 @@ impl<S: Transport> Driver<S> {
                         h.abort();
                     }
                 }
+                ProtoEvent::Message(m) if m.channel == 0 => {
+                    // Its sender and credit go with the run: see `flush_inbox`.
+                    self.inbox_batch.push_back(Entry {
+                        id: MessageId(m.id),
+                        codec: m.codec,
+                        body: m.payload,
+                        credit: m.credit,
+                    });
+                }
                 ProtoEvent::Message(m) => {
                     let msg = Message {
                         from: self.link.info.clone(),
@@ -1011,11 +1020,6 @@ impl<S: Transport> Driver<S> {
                         codec: m.codec,
                         body: m.payload,
                     };
-                    if m.channel == 0 {
-                        // Its credit goes with the run: see `flush_inbox`.
-                        self.inbox_batch.push_back((msg, m.credit));
-                        continue;
-                    }
                     let delivery = Delivery {
                         msg,
                         credit: self.credit_for(m.channel),
@@ -1070,7 +1074,9 @@ impl<S: Transport> Driver<S> {
     fn flush_inbox(&mut self) {
         if !self.inbox_batch.is_empty() {
             let credit = self.credit_for(0);
-            self.node.inbox.push_all(&credit, &mut self.inbox_batch);
+            self.node
+                .inbox
+                .push_all(&credit, &self.link.info, &mut self.inbox_batch);
         }
     }
 
