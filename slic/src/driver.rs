@@ -95,6 +95,11 @@ impl CreditReturn {
         before < self.threshold && before.saturating_add(credit) >= self.threshold
     }
 
+    /// The pending credit at which it goes back to the connection.
+    pub(crate) fn step(&self) -> u32 {
+        self.threshold
+    }
+
     /// Asks the connection to hand the pending credit back to the peer.
     pub(crate) fn release(&self) {
         let _ = self.cmd.send(Command::Release(self.channel));
@@ -103,10 +108,16 @@ impl CreditReturn {
     /// A credit counter of no connection, which never asks for a release.
     #[cfg(test)]
     pub(crate) fn for_test() -> Arc<Self> {
+        Self::for_test_with_step(u32::MAX)
+    }
+
+    /// The same with a release step of `step` (its releases go nowhere).
+    #[cfg(test)]
+    pub(crate) fn for_test_with_step(step: u32) -> Arc<Self> {
         Arc::new(Self {
             channel: 0,
             pending: AtomicU32::new(0),
-            threshold: u32::MAX,
+            threshold: step,
             cmd: Arc::default(),
         })
     }

@@ -73,10 +73,13 @@ struct Batch {
     run: Run,
 }
 
-/// The run being taken from, if any (an emptied one stays until the next refill).
+/// The run being taken from, if any: a batch here always has a message left, it leaves as
+/// its last message is taken (so a closed connection's counter and info go with it).
 #[derive(Default)]
 struct Taken {
     batch: Option<Batch>,
+    /// The buffer of the run emptied last, handed to the producer side at the next refill.
+    spare: Option<Run>,
     /// Credit of messages taken from `batch` and not yet counted on its connection's
     /// counter: counted in steps (see [`CREDIT_STEP`]) rather than with an atomic operation
     /// per message, and always before the batch is left or emptied.
@@ -87,9 +90,11 @@ struct Taken {
 const SPARE_RUNS: usize = 4;
 
 /// Credit taken messages may owe their connection before it is counted there: a quarter of
-/// the step in which the default settings hand credit back to the peer (~4 KiB), so the peer
-/// hears of consumed messages about as soon as before (and never later than the end of a
-/// run), while a stream of 64 B messages counts once per dozen messages, not once each.
+/// the step in which the default settings hand credit back to the peer (~4 KiB), and never
+/// more than the connection's own step (small windows have steps of a few bytes), so the
+/// peer hears of consumed messages as soon as before, while a stream of 64 B messages
+/// counts once per dozen messages, not once each. Whatever is owed is counted when a run
+/// empties.
 const CREDIT_STEP: u32 = 1 << 10;
 
 impl std::fmt::Debug for Inbox {
@@ -145,27 +150,29 @@ impl Inbox {
         let mut guard = lock(&self.taken);
         let t = &mut *guard;
         let mut more_queued = false;
-        if t.batch.as_ref().is_none_or(|b| b.run.is_empty()) {
-            // Refill from the producer side: the next whole run, and its buffer goes back.
+        if t.batch.is_none() {
+            // Refill from the producer side: the next whole run; the last one's buffer goes
+            // back for reuse.
             let mut s = lock(&self.state);
             let next = s.runs.pop_front()?;
             more_queued = !s.runs.is_empty();
-            if let Some(old) = t.batch.take()
+            if let Some(run) = t.spare.take()
                 && s.spare.len() < SPARE_RUNS
             {
-                s.spare.push(old.run);
+                s.spare.push(run);
             }
             drop(s);
             t.batch = Some(next);
         }
-        // Just checked or refilled: a batch with at least one message.
         let b = t.batch.as_mut()?;
+        // Runs are pushed non-empty and leave `taken` as they empty: never `None`.
         let e = b.run.pop_front()?;
+        let emptied = b.run.is_empty();
         t.owed = t.owed.saturating_add(e.credit);
         // Counted under the lock, without a reference of our own; the rare command that
         // hands the credit back to the connection is sent after unlocking.
         let mut release = None;
-        if t.owed >= CREDIT_STEP || b.run.is_empty() {
+        if emptied || t.owed >= CREDIT_STEP.min(b.credit.step()) {
             release = b
                 .credit
                 .add(std::mem::take(&mut t.owed))
@@ -178,9 +185,15 @@ impl Inbox {
             codec: e.codec,
             body: e.body,
         };
-        let more = more_queued || !b.run.is_empty();
+        // An emptied batch leaves now; what it holds is dropped after unlocking.
+        let mut retired = None;
+        if emptied && let Some(mut old) = t.batch.take() {
+            t.spare = Some(std::mem::take(&mut old.run));
+            retired = Some(old);
+        }
         drop(guard);
-        if more && self.sleepers.load(Ordering::SeqCst) > 0 {
+        drop(retired);
+        if (more_queued || !emptied) && self.sleepers.load(Ordering::SeqCst) > 0 {
             // More are waiting: another receiver may be asleep.
             self.ready.notify_one();
         }
@@ -248,7 +261,7 @@ mod tests {
         /// Whether no message waits on either side.
         fn is_empty(&self) -> bool {
             let t = lock(&self.taken);
-            t.batch.as_ref().is_none_or(|b| b.run.is_empty()) && lock(&self.state).runs.is_empty()
+            t.batch.is_none() && lock(&self.state).runs.is_empty()
         }
     }
 
@@ -371,5 +384,31 @@ mod tests {
         // ends, before the message that emptied it is handed out.
         assert_eq!(pending, [0, 0, 0, 1200, 1200, 1200, 1200, 2400, 2400, 3000]);
         assert!(inbox.try_pop().is_none());
+    }
+
+    #[test]
+    fn a_connection_with_a_small_credit_step_has_every_taken_message_counted_at_once() {
+        // A 1 KiB window hands credit back in steps of 1 byte: holding 300 B of it back
+        // while the caller waits for something else could stall the peer.
+        let inbox = Inbox::default();
+        let credit = CreditReturn::for_test_with_step(1);
+        inbox.push_all(&credit, &from(), &mut run_with(0..3, 300));
+        inbox.try_pop().expect("a message");
+        assert_eq!(credit.pending_for_test(), 300);
+        inbox.try_pop().expect("a message");
+        assert_eq!(credit.pending_for_test(), 600);
+    }
+
+    #[test]
+    fn an_emptied_run_lets_go_of_its_connection() {
+        let inbox = Inbox::default();
+        let credit = CreditReturn::for_test();
+        inbox.push_all(&credit, &from(), &mut run_of([1, 2]));
+        assert_eq!(Arc::strong_count(&credit), 2, "the inbox holds the counter");
+        inbox.try_pop().expect("a message");
+        assert_eq!(Arc::strong_count(&credit), 2, "a message is left");
+        inbox.try_pop().expect("a message");
+        assert_eq!(Arc::strong_count(&credit), 1, "the emptied run let go");
+        assert!(inbox.is_empty());
     }
 }
