@@ -193,8 +193,12 @@ impl Inbox {
         }
         drop(guard);
         drop(retired);
-        if (more_queued || !emptied) && self.sleepers.load(Ordering::SeqCst) > 0 {
-            // More are waiting: another receiver may be asleep.
+        // More are waiting (in this run, or in runs the producer side holds): another receiver
+        // may be asleep. Its own wake-up, from the push, may have gone to a receiver that then
+        // took from this run instead.
+        if self.sleepers.load(Ordering::SeqCst) > 0
+            && (!emptied || more_queued || !lock(&self.state).runs.is_empty())
+        {
             self.ready.notify_one();
         }
         if let Some(c) = release {
